@@ -1,0 +1,82 @@
+"""QuantLinear: holds packed int weights and computes ``x @ W^T + b`` from them.
+
+This is the reference torch path: it unpacks and dequantizes on every call. It supports every
+packing signround writes (GPTQ layout with zero offset 0 or -1, AWQ layout) and any group size,
+including a short last group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export.auto_round import PACKINGS
+from ..export.packing import packed_len, unpack_awq, unpack_cols, unpack_rows
+from ..qdq.common import effective_group_size
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        packing: str,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if packing not in PACKINGS:
+            raise ValueError(f"unknown packing {packing!r}; known: {sorted(PACKINGS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.packing = bits, packing
+        self.group_size = effective_group_size(group_size, in_features)
+        n_groups = math.ceil(in_features / self.group_size)
+        layout = PACKINGS[packing].layout
+        if layout == "gptq":
+            qw_shape = (packed_len(in_features, bits), out_features)
+            qz_shape = (n_groups, packed_len(out_features, bits))
+        else:
+            qw_shape = (in_features, math.ceil(out_features / 8))
+            qz_shape = (n_groups, math.ceil(out_features / 8))
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(qw_shape, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(qz_shape, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=torch.float16, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes ``[in, out]`` and zero points ``[n_groups, out]``."""
+        p = PACKINGS[self.packing]
+        if p.layout == "gptq":
+            codes = unpack_rows(self.qweight, self.bits, self.in_features)
+            zeros = unpack_cols(self.qzeros, self.bits, self.out_features)
+        else:
+            codes = unpack_awq(self.qweight, self.out_features)
+            zeros = unpack_awq(self.qzeros, self.out_features)
+        return codes, zeros - p.zero_offset
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` float32."""
+        codes, zeros = self.unpack()
+        g = torch.arange(self.in_features, device=codes.device) // self.group_size
+        w = (codes.float() - zeros.float()[g]) * self.scales.float()[g]
+        return w.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight().to(x.dtype)
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, packing={self.packing}"
+        )

@@ -1,0 +1,111 @@
+"""The quantization plan: which layers are quantized and how, resolved and validated up front."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+from .model.layers import (
+    find_block_names,
+    get_module,
+    get_weight,
+    lm_head_name,
+    quantizable_layer_names,
+    tied_lm_head,
+)
+from .schemes import QuantSpec, resolve_layer_specs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantPlan:
+    """One QuantSpec per candidate layer (block Linears and lm_head); bits 16 keeps a layer in fp."""
+
+    default: QuantSpec
+    block_names: list[str]
+    specs: dict[str, QuantSpec]
+    lm_head: str | None = None
+    untie_lm_head: bool = False
+    block_layers: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> dict[str, QuantSpec]:
+        return {n: s for n, s in self.specs.items() if s.quantized}
+
+    def layers_of(self, block: str) -> list[str]:
+        return [n for n in self.block_layers.get(block, []) if self.specs[n].quantized]
+
+    def outside_blocks(self) -> list[str]:
+        inside = {n for names in self.block_layers.values() for n in names}
+        return [n for n, s in self.specs.items() if s.quantized and n not in inside]
+
+
+def _parse_names(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def build_plan(
+    model: nn.Module,
+    default: QuantSpec,
+    layer_config: Mapping[str, Any] | None = None,
+    ignore_layers: str | Iterable[str] | None = None,
+    quant_lm_head: bool = False,
+    to_quant_block_names: str | Iterable[str] | None = None,
+) -> QuantPlan:
+    """Resolve every layer's spec and check the weights, before any expensive work."""
+    blocks = find_block_names(model, to_quant_block_names)
+    block_layers = {b: quantizable_layer_names(model, [b]) for b in blocks}
+    names = [n for b in blocks for n in block_layers[b]]
+    if not names:
+        raise ConfigError("the selected blocks contain no Linear layers; check to_quant_block_names")
+    head = lm_head_name(model)
+    candidates = names + ([head] if head else [])
+    opt_in = [] if quant_lm_head or not head else [head]
+    if quant_lm_head and not head:
+        raise ConfigError("quant_lm_head was set but this model's output layer is not a Linear layer")
+    specs = resolve_layer_specs(candidates, default, layer_config, _parse_names(ignore_layers), opt_in)
+    if quant_lm_head and head and not specs[head].quantized and head not in (layer_config or {}):
+        specs[head] = default
+    for name, spec in specs.items():
+        if not spec.quantized:
+            continue
+        w = get_weight(get_module(model, name))
+        if w.is_meta:
+            continue
+        if not torch.isfinite(w).all():
+            raise ModelError(
+                f"the weight of {name} contains NaN or Inf; the checkpoint is damaged. Re-export it, "
+                f"or keep the layer out with ignore_layers={name!r} if that is expected"
+            )
+    untie = bool(head and specs[head].quantized and tied_lm_head(model))
+    if untie:
+        logger.warning(
+            "%s shares its weight with the input embedding; quantizing it unties them: the embedding "
+            "stays in full precision, %s is stored quantized, and the saved config sets "
+            "tie_word_embeddings=false",
+            head,
+            head,
+        )
+    return QuantPlan(default, blocks, specs, head, untie, block_layers)
+
+
+def untie_output_embedding(model: nn.Module, plan: QuantPlan) -> None:
+    """Give lm_head its own copy of the weight so quantizing it leaves the embedding untouched."""
+    if not plan.untie_lm_head:
+        return
+    head = get_module(model, plan.lm_head)
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers >= 5 keeps the tie mapping on the model
+        model.all_tied_weights_keys = {}

@@ -1,0 +1,38 @@
+"""Pure quantize-dequantize functions, registered by data type.
+
+Every function has the signature ``(w, spec, v=None, min_scale=None, max_scale=None) -> (w_qdq, QParams)``
+where ``w`` is a weight in Linear layout ``[out, in]``. They are differentiable in ``v``,
+``min_scale`` and ``max_scale`` (rounding uses a straight-through estimator) so the tuner can use them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..schemes import QuantSpec
+from .common import QParams, from_groups, n_groups, to_groups
+from .int import qdq_int
+
+QdqFn = Callable[..., "tuple[torch.Tensor, QParams]"]
+
+QDQ_REGISTRY: dict[str, QdqFn] = {"int": qdq_int}
+
+
+def qdq(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    v: Optional[torch.Tensor] = None,
+    min_scale: Optional[torch.Tensor] = None,
+    max_scale: Optional[torch.Tensor] = None,
+) -> "tuple[torch.Tensor, QParams]":
+    """Quantize-dequantize ``w`` as ``spec`` says, using the registered function for its data type."""
+    fn = QDQ_REGISTRY.get(spec.data_type)
+    if fn is None:
+        raise ConfigError(f"no qdq function for data_type {spec.data_type!r}; known: {sorted(QDQ_REGISTRY)}")
+    return fn(w, spec, v=v, min_scale=min_scale, max_scale=max_scale)
+
+
+__all__ = ["QParams", "QDQ_REGISTRY", "qdq", "qdq_int", "to_groups", "from_groups", "n_groups"]

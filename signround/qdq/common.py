@@ -1,0 +1,89 @@
+"""Shared pieces of the qdq functions: grouping with a short last group, QParams, STE rounding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Scales are stored as fp16 on disk; quantizing with the fp16-rounded scale makes the in-memory qdq
+# weight equal to what a loader dequantizes from the file.
+SCALE_DTYPE = torch.float16
+MIN_SCALE_MAGNITUDE = 1e-5  # an all-zero group would otherwise give scale 0 and NaN codes
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one weight ``[out, in]``.
+
+    ``scale`` and ``zero`` are ``[out, n_groups]``; ``zero`` holds integers (as float). ``codes`` are
+    the unsigned integer weights ``[out, in]`` in ``[0, 2**bits)``; dequantized ``w = (codes - zero) * scale``
+    with the scale of the column's group.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    codes: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        in_features = self.codes.shape[1]
+        cols = torch.arange(in_features, device=self.codes.device) // effective_group_size(
+            self.group_size, in_features
+        )
+        w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
+        return w.to(dtype)
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / effective_group_size(group_size, in_features))
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[out, n_groups, G]``; the short last group is padded with zeros.
+
+    Zero padding never changes a group's range because ranges always include 0.
+    """
+    out_f, in_f = w.shape
+    g = effective_group_size(group_size, in_f)
+    ng = math.ceil(in_f / g)
+    pad = ng * g - in_f
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, ng, g)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def to_scale_dtype(x: torch.Tensor) -> torch.Tensor:
+    # The cast is differentiable; the value is the one that will be stored on disk.
+    return x.to(SCALE_DTYPE).to(torch.float32)
+
+
+def grouped_range(
+    wg: torch.Tensor,
+    min_scale: Optional[torch.Tensor],
+    max_scale: Optional[torch.Tensor],
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Per-group (min <= 0, max >= 0), shrunk by the tunable clipping scales."""
+    wmin = torch.clamp(wg.amin(dim=-1), max=0)
+    wmax = torch.clamp(wg.amax(dim=-1), min=0)
+    if min_scale is not None:
+        wmin = wmin * min_scale
+    if max_scale is not None:
+        wmax = wmax * max_scale
+    return wmin, wmax

@@ -1,0 +1,213 @@
+"""Quantization schemes: the `QuantSpec` that describes one Linear, presets, and per-layer resolution.
+
+A `QuantSpec` is the only thing downstream code (qdq, tuning, export) reads about how a layer is
+quantized; there are no global flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import ConfigError
+
+FP_BITS = 16  # bits >= 16 means "keep this layer in floating point"
+INT_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one layer's weight is quantized.
+
+    group_size: columns (input features) that share one scale; -1 means one group per output
+    channel. The last group of a row is shorter when in_features % group_size != 0.
+    sym: full-range symmetric (no zero point) when True, asymmetric with a zero point otherwise.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    data_type: str = "int"
+    act_bits: int = 16
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < FP_BITS
+
+    def with_overrides(self, **overrides: Any) -> "QuantSpec":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(
+                f"unknown scheme option(s) {sorted(unknown)}; valid options are "
+                f"{[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self, where: str = "the scheme") -> "QuantSpec":
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise ConfigError(f"{where}: bits must be an integer, got {self.bits!r}")
+        if not self.quantized:
+            return self
+        if self.data_type != "int":
+            raise ConfigError(
+                f"{where}: data_type {self.data_type!r} is not supported; use 'int'"
+            )
+        if self.bits not in INT_BITS:
+            raise ConfigError(
+                f"{where}: {self.bits}-bit integer weights are not supported; choose bits from "
+                f"{list(INT_BITS)} (or 16 to keep the layer in full precision)"
+            )
+        gs = self.group_size
+        if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
+            raise ConfigError(
+                f"{where}: group_size must be a positive integer or -1 (one group per output "
+                f"channel), got {gs!r}"
+            )
+        if self.act_bits < FP_BITS:
+            raise ConfigError(
+                f"{where}: activation quantization (act_bits={self.act_bits}) is not supported for "
+                "integer weight schemes; use act_bits=16"
+            )
+        return self
+
+    def label(self) -> str:
+        if not self.quantized:
+            return "fp16"
+        kind = "sym" if self.sym else "asym"
+        return f"W{self.bits}G{self.group_size} {kind}"
+
+
+def _w(bits: int, group_size: int = 128) -> QuantSpec:
+    return QuantSpec(bits=bits, group_size=group_size, sym=True)
+
+
+PRESETS: dict[str, QuantSpec] = {
+    "W2A16": _w(2),
+    "W2A16G64": _w(2, 64),
+    "W2A16G32": _w(2, 32),
+    "W3A16": _w(3),
+    "W4A16": _w(4),
+    "W8A16": _w(8),
+    "BF16": QuantSpec(bits=16),
+    "FP16": QuantSpec(bits=16),
+}
+
+
+def preset(name: str) -> QuantSpec:
+    key = name.strip().upper()
+    if key not in PRESETS:
+        raise ConfigError(
+            f"unknown scheme {name!r}; choose one of {', '.join(sorted(PRESETS))} "
+            "(and adjust with bits / group_size / sym)"
+        )
+    return PRESETS[key]
+
+
+def resolve_scheme(
+    scheme: str | QuantSpec | Mapping[str, Any] = "W4A16",
+    bits: int | None = None,
+    group_size: int | None = None,
+    sym: bool | None = None,
+) -> QuantSpec:
+    """The global spec: a preset (or dict / QuantSpec) with the user's overrides applied."""
+    if isinstance(scheme, QuantSpec):
+        base = scheme
+    elif isinstance(scheme, str):
+        base = preset(scheme)
+    elif isinstance(scheme, Mapping):
+        base = QuantSpec().with_overrides(**dict(scheme))
+    else:
+        raise ConfigError(f"scheme must be a preset name, a dict or a QuantSpec, got {type(scheme).__name__}")
+    return base.with_overrides(bits=bits, group_size=group_size, sym=sym).validate()
+
+
+def _spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
+    where = f"layer_config[{key!r}]"
+    if isinstance(value, QuantSpec):
+        return value.validate(where)
+    if isinstance(value, str):
+        return preset(value).validate(where)
+    if isinstance(value, Mapping):
+        value = dict(value)
+        if "scheme" in value:
+            base = preset(value.pop("scheme"))
+        else:
+            base = default
+        allowed = {"bits", "group_size", "sym", "data_type", "act_bits"}
+        extra = set(value) - allowed
+        if extra:
+            raise ConfigError(f"{where}: unknown option(s) {sorted(extra)}; allowed: {sorted(allowed | {'scheme'})}")
+        return base.with_overrides(**value).validate(where)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return default.with_overrides(bits=value).validate(where)
+    raise ConfigError(f"{where}: expected a preset name or a dict like {{'bits': 8}}, got {value!r}")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A key matches a layer by exact name, as a literal substring, or as a regex (re.search)."""
+    if pattern == name or pattern in name:
+        return True
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_layer_specs(
+    layer_names: Iterable[str],
+    default: QuantSpec,
+    layer_config: Mapping[str, Any] | None = None,
+    ignore_layers: Iterable[str] | None = None,
+    opt_in_names: Iterable[str] = (),
+) -> dict[str, QuantSpec]:
+    """Pick the spec of every candidate layer.
+
+    Precedence: an exact-name key of `layer_config` beats patterns; among pattern keys (substring or
+    regex) the first listed that matches wins; `ignore_layers` patterns keep a layer in full
+    precision unless an exact-name key says otherwise. Layers in `opt_in_names` (lm_head when
+    `quant_lm_head` is off) are only quantized when a key names them exactly.
+    Every key and ignore pattern must match at least one layer.
+    """
+    names = list(layer_names)
+    opt_in = set(opt_in_names)
+    layer_config = dict(layer_config or {})
+    ignore = [p for p in (ignore_layers or []) if p]
+    specs = {key: _spec_from_value(v, default, key) for key, v in layer_config.items()}
+    fp = QuantSpec(bits=FP_BITS)
+
+    used: set[str] = set()
+    result: dict[str, QuantSpec] = {}
+    for name in names:
+        if name in specs:
+            result[name] = specs[name]
+            used.add(name)
+            continue
+        chosen = None if name in opt_in else default
+        if name not in opt_in:
+            for key, spec in specs.items():
+                if key not in names and _matches(key, name):
+                    chosen = spec
+                    used.add(key)
+                    break
+            for pat in ignore:
+                if _matches(pat, name):
+                    chosen = fp
+                    used.add("\0ignore:" + pat)
+        result[name] = chosen if chosen is not None else fp
+
+    example = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    for key in specs:
+        if key not in used:
+            raise ConfigError(
+                f"layer_config key {key!r} matches no quantizable layer; keys are exact names, "
+                f"substrings or regexes of layer names such as {example}"
+            )
+    for pat in ignore:
+        if "\0ignore:" + pat not in used:
+            raise ConfigError(
+                f"ignore_layers entry {pat!r} matches no quantizable layer; use names, substrings "
+                f"or regexes of layer names such as {example}"
+            )
+    return result

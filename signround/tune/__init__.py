@@ -1,0 +1,1 @@
+"""Per-block tuners (RTN, SignRound) and the block-by-block pipeline."""
