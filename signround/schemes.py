@@ -186,11 +186,12 @@ def resolve_layer_specs(
             continue
         chosen = None if name in opt_in else default
         if name not in opt_in:
+            first = True
             for key, spec in specs.items():
                 if key not in names and _matches(key, name):
-                    chosen = spec
                     used.add(key)
-                    break
+                    if first:  # the first matching pattern wins
+                        chosen, first = spec, False
             for pat in ignore:
                 if _matches(pat, name):
                     chosen = fp

@@ -38,8 +38,10 @@ def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> Pa
     anchor = out
     while not anchor.exists():
         anchor = anchor.parent
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write under {anchor}; choose an --output_dir you can write to")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".signround-probe-", dir=anchor))
+    except OSError as e:
+        raise ExportError(f"cannot write under {anchor} ({e.strerror}); choose an --output_dir you can write to") from e
     if needed_bytes:
         free = shutil.disk_usage(anchor).free
         if free < needed_bytes:

@@ -1,0 +1,118 @@
+"""Check that upstream auto-round loads our auto_round files (through transformers) with our logits.
+
+Quantizes a tiny random Llama (sizes upstream kernels accept) with several schemes, saves each in the
+auto_round format, computes logits with ``signround.load_quantized``, then loads the same directory in
+the upstream venv with ``AutoModelForCausalLM.from_pretrained`` and compares.
+
+    python3 scripts/check_upstream_load.py            # skips (exit 0) when upstream is absent
+    python3 scripts/check_upstream_load.py --setup    # create .venv-upstream first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from upstream_env import MISSING, setup_upstream, upstream_python  # noqa: E402
+
+CASES = {
+    "W4 sym g32 (auto_gptq packing)": dict(scheme="W4A16", group_size=32),
+    "W4 asym g64 (auto_awq packing)": dict(scheme="W4A16", group_size=64, sym=False),
+    "W2 sym g32": dict(scheme="W2A16G32"),
+    "W3 sym g128": dict(scheme="W3A16"),
+    "W8 sym per-channel": dict(scheme="W8A16", group_size=-1),
+    "mixed 4/8/16 + asym 2 (auto_round packing)": dict(
+        scheme="W4A16", group_size=32,
+        layer_config={"down_proj": {"bits": 8}, "v_proj": {"bits": 16},
+                      r"layers\.1\.self_attn\.q_proj": {"bits": 2, "sym": False}},
+    ),
+}
+
+UPSTREAM_CHILD = r"""
+import sys, json, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+ids = load_file(sys.argv[1])["ids"]
+out = {}
+for i, d in enumerate(json.loads(sys.argv[3])):
+    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        out[f"case{i}"] = m(ids).logits.float().contiguous()
+    print("DTYPE", i, str(m.dtype).replace("torch.", ""))
+save_file(out, sys.argv[2])
+"""
+
+
+def build_model(path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setup", action="store_true", help="create the upstream venv first")
+    args = ap.parse_args()
+    py = setup_upstream() if args.setup else upstream_python()
+    if py is None:
+        print(f"SKIP: {MISSING}")
+        return 0
+
+    from signround import AutoRound, load_quantized
+
+    work = Path(tempfile.mkdtemp(prefix="signround-upstream-"))
+    src = work / "fp"
+    build_model(src)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    save_file({"ids": ids}, str(work / "ids.safetensors"))
+    dirs, ours = [], []
+    for i, kw in enumerate(CASES.values()):
+        out = work / f"case{i}"
+        AutoRound(str(src), iters=0, disable_opt_rtn=True, **kw).quantize_and_save(out)
+        with torch.no_grad():
+            ours.append(load_quantized(str(out))(ids).logits.float())
+        dirs.append(str(out))
+    res = subprocess.run([str(py), "-c", UPSTREAM_CHILD, str(work / "ids.safetensors"),
+                          str(work / "upstream.safetensors"), json.dumps(dirs)], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stdout[-3000:], res.stderr[-6000:])
+        print("FAIL: upstream could not load our files")
+        return 1
+    theirs = load_file(str(work / "upstream.safetensors"))
+    dtypes = {int(ln.split()[1]): ln.split()[2] for ln in res.stdout.splitlines() if ln.startswith("DTYPE")}
+    version = subprocess.run([str(py), "-c", "import auto_round, transformers; print(auto_round.__version__, transformers.__version__)"],
+                             capture_output=True, text=True).stdout.split()
+    print(f"upstream auto-round {version[0]} / transformers {version[1]} vs signround load_quantized")
+    print("| case | packing | upstream compute dtype | max abs logit diff | max abs logit |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for i, name in enumerate(CASES):
+        packing = json.loads((Path(dirs[i]) / "config.json").read_text())["quantization_config"]["packing_format"]
+        diff = (theirs[f"case{i}"] - ours[i]).abs().max().item()
+        worst = max(worst, diff / max(ours[i].abs().max().item(), 1e-6))
+        print(f"| {name} | {packing} | {dtypes.get(i, '?')} | {diff:.2e} | {ours[i].abs().max().item():.2f} |")
+    # Upstream forces some paths (3-bit on CPU) to fp16; a packing error would be O(1), not 1e-3.
+    ok = worst < 1e-2
+    print("PASS" if ok else "FAIL", f"(worst relative diff {worst:.2e})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

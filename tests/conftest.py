@@ -1,0 +1,40 @@
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tiny_models import build_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_dir(tmp_path_factory) -> Path:
+    if not STORIES.is_dir():
+        pytest.fail(f"test asset missing: {STORIES} (the shared stories260K model)")
+    dst = tmp_path_factory.mktemp("models") / "stories260K"
+    shutil.copytree(STORIES, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="signround")

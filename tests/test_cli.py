@@ -1,0 +1,113 @@
+"""CLI: the main job, and bad input that must fail early with a clear message and no output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from signround.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "signround", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_quantizes_and_reports(stories_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--model", stories_dir, "--scheme", "W4A16", "--group_size", "32", "--iters", "0",
+                "--disable_opt_rtn", "--layer_config", '{"down_proj": {"bits": 8}}', "--format", "auto_round",
+                "--output_dir", out)
+    assert r.returncode == 0, r.stderr
+    assert "W4G32 sym" in r.stderr and "W8G32 sym" in r.stderr and "average weight bits" in r.stderr
+    assert "peak RSS" in r.stderr
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+
+
+@pytest.fixture
+def nan_model(stories_dir, tmp_path):
+    d = tmp_path / "nan_model"
+    d.mkdir()
+    for f in stories_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+CASES = {
+    "missing path": (["--model", "/nonexistent/model"], "does not exist"),
+    "hub id": (["--model", "someorg/somemodel"], "Hugging Face Hub id"),
+    "not a model": (["--model", "{tmp}"], "not a model directory"),
+    "unknown scheme": (["--scheme", "W5A16"], "unknown scheme"),
+    "bad bits": (["--bits", "5"], "choose bits from"),
+    "bad group": (["--group_size", "0"], "group_size must be"),
+    "regex no match": (["--layer_config", '{"nothing_like_this": {"bits": 8}}'], "matches no quantizable layer"),
+    "bad json": (["--layer_config", "{bits: 8"], "not valid JSON"),
+    "unknown format": (["--format", "exl2"], "unknown format"),
+    "iters without tuning": (["--iters", "5"], "iters=0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_cleanly(case, stories_dir, tmp_path, capsys):
+    extra, needle = CASES[case]
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    out = tmp_path / "out"
+    args = ["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--output_dir", str(out)]
+    rc = main(args + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_nan_weights_rejected(nan_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--model", str(nan_model), "--iters", "0", "--disable_opt_rtn", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.layers.1.mlp.up_proj" in err and "NaN" in err
+    assert not out.exists()
+
+
+def test_non_empty_output_dir_rejected(stories_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    rc = main(["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--output_dir", str(out)])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unwritable_output_dir_rejected(stories_dir, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        target = Path("/proc/signround-out")  # not writable even for root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        target = ro / "out"
+    rc = main(["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--output_dir", str(target)])
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_failed_save_leaves_nothing(stories_dir, tmp_path, monkeypatch):
+    from signround import AutoRound, export
+    from signround.errors import ExportError
+
+    ar = AutoRound(str(stories_dir), iters=0, disable_opt_rtn=True)
+    ar.quantize()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_config", full_disk)
+    with pytest.raises(ExportError, match="disk full"):
+        ar.save_quantized(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
