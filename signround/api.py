@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,7 +20,9 @@ from .model.loading import load_model_and_tokenizer
 from .plan import QuantPlan, build_plan
 from .report import bits_summary, format_summary, peak_gpu_bytes, peak_rss_bytes
 from .schemes import QuantSpec, resolve_scheme
-from .tune.pipeline import QuantResult, quantize_rtn
+from .calib import DEFAULT_DATASET, build_calibration
+from .tune.config import TuneConfig, tune_config
+from .tune.pipeline import QuantResult, quantize_calibrated, quantize_rtn
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,22 @@ class AutoRound:
         layer_config: Mapping[str, Any] | None = None,
         ignore_layers: str | Iterable[str] | None = None,
         quant_lm_head: bool = False,
-        iters: int = 200,
-        disable_opt_rtn: bool = False,
+        dataset: Any = None,
+        iters: int | None = None,
+        lr: float | None = None,
+        minmax_lr: float | None = None,
+        batch_size: int | None = None,
+        gradient_accumulate_steps: int | None = None,
+        nsamples: int | None = None,
+        seqlen: int | None = None,
+        enable_minmax_tuning: bool | None = None,
+        enable_quanted_input: bool | None = None,
+        not_use_best_mse: bool | None = None,
+        low_gpu_mem_usage: bool | None = None,
+        amp: bool | None = None,
+        enable_torch_compile: bool | None = None,
+        disable_opt_rtn: bool | None = None,
+        recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
         dtype: str | torch.dtype | None = "auto",
@@ -54,15 +71,15 @@ class AutoRound:
     ):
         self.start_time = time.time()
         self.spec = resolve_scheme(scheme, bits, group_size, sym)
-        if not isinstance(iters, int) or iters < 0:
-            raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
-        if iters > 0 or not disable_opt_rtn:
-            raise ConfigError(
-                "this version implements plain round-to-nearest only: pass iters=0 and "
-                "disable_opt_rtn=True (CLI: --iters 0 --disable_opt_rtn)"
-            )
-        self.iters = iters
-        self.disable_opt_rtn = disable_opt_rtn
+        self.cfg: TuneConfig = tune_config(
+            recipe, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
+            gradient_accumulate_steps=gradient_accumulate_steps, nsamples=nsamples, seqlen=seqlen,
+            enable_minmax_tuning=enable_minmax_tuning, enable_quanted_input=enable_quanted_input,
+            not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
+            enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, seed=seed,
+        )
+        self.dataset = DEFAULT_DATASET if dataset is None else dataset
+        self.device_map = device_map
         self.seed = seed
         _seed_everything(seed)
         self.model, self.tokenizer, self.source_dir = load_model_and_tokenizer(
@@ -71,8 +88,29 @@ class AutoRound:
         self.plan: QuantPlan = build_plan(
             self.model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
         )
+        self._check_seqlen()
         self.result: QuantResult | None = None
         self.summary: dict[str, Any] = {}
+
+    @property
+    def iters(self) -> int:
+        return self.cfg.iters
+
+    def _check_seqlen(self) -> None:
+        if not self.cfg.needs_data:
+            return
+        text_cfg = self.model.config.get_text_config()
+        ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
+        if ctx and self.cfg.seqlen > ctx:
+            raise ConfigError(f"seqlen {self.cfg.seqlen} is longer than the model's context ({ctx}); lower --seqlen")
+
+    def calibration_ids(self) -> torch.Tensor:
+        """Tokenized calibration samples ``[n, seqlen]`` (validated: at least one sample)."""
+        ids = build_calibration(self.dataset, self.tokenizer, self.cfg.seqlen, self.cfg.nsamples, self.seed)
+        if ids.shape[0] < self.cfg.batch_size:
+            logger.warning("only %d calibration samples: batch_size lowered from %d", ids.shape[0], self.cfg.batch_size)
+            self.cfg.batch_size = ids.shape[0]
+        return ids
 
     @property
     def layer_config(self) -> dict[str, dict[str, Any]]:
@@ -86,7 +124,16 @@ class AutoRound:
         """Quantize in place; returns ``(model, layer_config)`` like upstream."""
         if self.result is not None:
             return self.model, self.layer_config
-        self.result = quantize_rtn(self.model, self.plan)
+        if self.cfg.needs_data:
+            ids = self.calibration_ids()
+            device = _compute_device(self.model, self.device_map)
+            logger.info(
+                "%s on %s: %d samples x %d tokens, %d iters, batch %d", self.cfg.mode, device, ids.shape[0],
+                ids.shape[1], self.cfg.iters, self.cfg.batch_size,
+            )
+            self.result = quantize_calibrated(self.model, self.plan, self.cfg, ids, device)
+        else:
+            self.result = quantize_rtn(self.model, self.plan)
         return self.model, self.layer_config
 
     def save_quantized(
@@ -97,7 +144,7 @@ class AutoRound:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
         out = export.save(
             output_dir, format, self.model, self.plan, self.result.qparams, self.tokenizer, self.source_dir,
-            extra_config={"iters": self.iters}, **kwargs,
+            extra_config=self._config_record(), extra_files=self._log_files(), **kwargs,
         )
         self._finish_summary(out)
         return out
@@ -112,6 +159,23 @@ class AutoRound:
         self.quantize()
         return self.model, self.save_quantized(output_dir, format, **kwargs)
 
+    def _log_files(self) -> dict[str, str]:
+        """Per-block losses (RTN, start, final) and settings, saved next to the model."""
+        if not self.result or not self.result.block_stats:
+            return {}
+        log = {"mode": self.cfg.mode, "settings": self._config_record(), "blocks": self.result.block_stats}
+        return {"quantization_log.json": json.dumps(log, indent=2) + "\n"}
+
+    def _config_record(self) -> dict[str, Any]:
+        c = self.cfg
+        rec: dict[str, Any] = {"iters": c.iters}
+        if c.needs_data:
+            rec.update(nsamples=c.nsamples, seqlen=c.seqlen, batch_size=c.batch_size)
+        if c.iters:
+            rec.update(lr=c.lr_value, minmax_lr=c.minmax_lr_value, enable_minmax_tuning=c.enable_minmax_tuning,
+                       enable_quanted_input=c.enable_quanted_input)
+        return rec
+
     def _finish_summary(self, out: Path) -> None:
         self.summary = {
             **bits_summary(self.model, self.plan),
@@ -122,6 +186,14 @@ class AutoRound:
             "peak_gpu_bytes": peak_gpu_bytes(),
         }
         logger.info("%s", format_summary(self.summary))
+
+
+def _compute_device(model: nn.Module, device_map: Any) -> torch.device:
+    if isinstance(device_map, str) and device_map not in ("auto",):
+        return torch.device(device_map)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,3 +15,7 @@ class ModelError(SignRoundError):
 
 class ExportError(SignRoundError):
     """The output directory or format cannot hold the result."""
+
+
+class CalibrationError(SignRoundError):
+    """The calibration data spec or content cannot be used."""

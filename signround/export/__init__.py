@@ -37,6 +37,7 @@ def save(
     source_dir: str | None = None,
     extra_config: dict[str, Any] | None = None,
     max_shard_bytes: int | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write the model in format ``fmt`` to exactly ``output_dir``, atomically. Returns the path."""
     exporter = get_exporter(fmt)
@@ -47,6 +48,8 @@ def save(
         write_safetensors(tmp, exporter.tensors(model, plan, qparams), **kwargs)
         write_config(tmp, model, exporter.quantization_config(plan, extra_config or {}))
         write_tokenizer(tmp, tokenizer, source_dir)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
     out = Path(output_dir).expanduser().absolute()
     logger.info("saved %s model to %s (%.2f MB)", exporter.name, out, dir_size(out) / 1e6)
     return out

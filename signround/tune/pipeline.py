@@ -1,28 +1,71 @@
-"""The block loop: quantize blocks in order, then layers outside blocks (lm_head)."""
+"""The block loop: quantize blocks in order, then layers outside blocks (lm_head).
+
+For each block: fp targets = block(fp inputs); quantize its layers (RTN, optimized RTN or
+SignRound on quantized inputs); the tuned block's outputs on quantized inputs feed the next block
+(the quantized chain), the fp outputs are the next block's fp inputs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.layers import get_module
+from ..model.capture import _StopForward, block_forward, capture_block_inputs, cast_kwargs
+from ..model.layers import get_module, get_weight
 from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
-from .rtn import rtn_layer
+from .config import TuneConfig
+from .rtn import rtn_layer, search_clip
+from .signround import tune_unit
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class QuantResult:
-    """What export needs: QParams of every quantized layer, plus per-block statistics."""
+    """What export needs: QParams of every quantized layer, plus per-unit statistics."""
 
     qparams: dict[str, QParams] = field(default_factory=dict)
     block_stats: dict[str, dict] = field(default_factory=dict)
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i : i + bs].to(device)).to(store, torch.float32) for i in range(0, x.shape[0], bs)])
+
+
+def _autocast(device: torch.device, cfg: TuneConfig):
+    if cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # CPUs here lack native bf16: fp32 is faster and exact
+
+
+def _importance(unit: nn.Module, layers: dict[str, nn.Module], run, x: torch.Tensor, bs: int, device) -> dict[str, torch.Tensor]:
+    """Per input channel sum of x^2 over the calibration tokens, for each layer."""
+    acc: dict[str, torch.Tensor] = {}
+    handles = []
+    for rel, mod in layers.items():
+        def hook(_m, args, rel=rel):
+            a = args[0].detach().float()
+            s = (a * a).reshape(-1, a.shape[-1]).sum(0)
+            acc[rel] = acc[rel] + s if rel in acc else s
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], bs):
+                run(unit, x[i : i + bs].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
 
 
 @torch.no_grad()
@@ -36,3 +79,114 @@ def quantize_rtn(model: nn.Module, plan: QuantPlan, show_progress: bool = True) 
     for name in plan.outside_blocks():
         result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
     return result
+
+
+def quantize_calibrated(
+    model: nn.Module,
+    plan: QuantPlan,
+    cfg: TuneConfig,
+    calib_ids: torch.Tensor,
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+) -> QuantResult:
+    """Optimized RTN (iters=0) or SignRound over all blocks, then the layers outside blocks."""
+    untie_output_embedding(model, plan)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = torch.device("cpu") if cfg.low_gpu_mem_usage or device.type == "cpu" else device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = min(cfg.batch_size, calib_ids.shape[0])
+    result = QuantResult()
+
+    x_fp, block_kwargs = capture_block_inputs(model, plan.block_names, calib_ids, bs, store)
+    x_q = x_fp
+    bar = tqdm(plan.block_names, desc=f"{cfg.mode} blocks", disable=not show_progress)
+    for block_name in bar:
+        t0 = time.time()
+        blk = get_module(model, block_name)
+        orig_param = next(blk.parameters())
+        orig_device, orig_dtype = orig_param.device, orig_param.dtype
+        blk.to(device=device, dtype=torch.float32)
+        kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
+
+        def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
+            with _autocast(device, cfg):
+                return block_forward(unit, xb, kw)
+
+        y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
+        names = plan.layers_of(block_name)
+        if names:
+            prefix = block_name + "."
+            layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
+            qps, stats = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs, gen)
+            result.qparams.update({prefix + rel: qp for rel, qp in qps.items()})
+            stats["seconds"] = round(time.time() - t0, 3)
+            result.block_stats[block_name] = stats
+            bar.set_postfix_str(f"loss {stats['loss_rtn']:.3g} -> {stats['loss_final']:.3g}")
+            logger.debug("%s: %s", block_name, stats)
+        x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store) if cfg.enable_quanted_input else y_fp
+        x_fp = y_fp
+        blk.to(device=orig_device, dtype=orig_dtype)
+
+    for name in plan.outside_blocks():
+        t0 = time.time()
+        qps, stats = _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen)
+        result.qparams[name] = qps[""]
+        stats["seconds"] = round(time.time() - t0, 3)
+        result.block_stats[name] = stats
+    return result
+
+
+def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen) -> tuple[dict[str, QParams], dict[str, Any]]:
+    """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
+    if "" in layers:  # a lone layer: its input is the unit input
+        imp = {"": x_q.float().pow(2).reshape(-1, x_q.shape[-1]).sum(0).to(device)}
+    else:
+        imp = _importance(unit, {rel: m for rel, (m, _) in layers.items()}, run, x_q, bs, device)
+    init = {rel: search_clip(get_weight(m).detach().to(device), spec, imp.get(rel)) for rel, (m, spec) in layers.items()}
+    iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
+    qps, stats = tune_unit(unit, layers, x_q, target, run, iters_cfg, device, init, gen)
+    return qps, stats.as_dict()
+
+
+def _zero_iters(cfg: TuneConfig) -> TuneConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, iters=0)
+
+
+def _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen):
+    """lm_head and other layers outside blocks: capture their inputs on the quantized model, then tune."""
+    mod = get_module(model, name)
+    chunks: list[torch.Tensor] = []
+
+    def stop(_m, args):
+        chunks.append(args[0].detach().to(store, torch.float32))
+        raise _StopForward
+
+    h = mod.register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            for i in range(0, calib_ids.shape[0], bs):
+                try:
+                    model(input_ids=calib_ids[i : i + bs].to(mod.weight.device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        h.remove()
+    x = torch.cat(chunks)
+    orig_device, orig_dtype = mod.weight.device, mod.weight.dtype
+    mod.to(device=device, dtype=torch.float32)
+    w_fp = get_weight(mod).detach().clone()
+    b_fp = None if mod.bias is None else mod.bias.detach().clone()
+
+    def run(unit, xb):
+        with _autocast(device, cfg):
+            return unit(xb)
+
+    def target(idx, xb):
+        return F.linear(xb, w_fp, b_fp)
+
+    try:
+        return _quantize_unit(mod, {"": (mod, plan.specs[name])}, run, x, target, cfg, device, bs, gen)
+    finally:
+        mod.to(device=orig_device, dtype=orig_dtype)

@@ -1,0 +1,212 @@
+"""SignRound: tune rounding offsets V and per-group clipping scales by signed gradient descent.
+
+For one "unit" (a decoder block, or a single layer outside blocks) the quantized unit on quantized
+inputs is fit to the fp unit's outputs on fp inputs with MSE; each step moves every parameter by
+``lr * sign(grad)`` with lr decaying linearly to 0, V kept in [-0.5, 0.5] and scales in [0, 1].
+The parameters of the iteration with the lowest loss are kept, and the result is compared with the
+starting point (RTN / optimized RTN) on all calibration samples, so tuning never makes a unit worse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.layers import get_weight, set_module, set_weight
+from ..qdq import QParams, n_groups, qdq
+from ..schemes import QuantSpec
+from .config import TuneConfig
+from .rtn import compact
+
+logger = logging.getLogger(__name__)
+
+
+class TunableLayer(nn.Module):
+    """Stands in for a Linear/Conv1D during tuning: computes with qdq(W; V, min_scale, max_scale)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: QuantSpec,
+        min_scale: torch.Tensor | None,
+        max_scale: torch.Tensor | None,
+        tune_minmax: bool,
+    ):
+        super().__init__()
+        self.orig = module
+        self.spec = spec
+        w = get_weight(module).detach().float()
+        self.register_buffer("w", w, persistent=False)
+        self.bias = None if module.bias is None else module.bias.detach().float()
+        ng = n_groups(w.shape[1], spec.group_size)
+        ones = torch.ones(w.shape[0], ng, device=w.device)
+        self.v = nn.Parameter(torch.zeros_like(w))
+        mn = ones if min_scale is None else min_scale.to(w.device).float()
+        mx = ones if max_scale is None else max_scale.to(w.device).float()
+        self.min_scale = nn.Parameter(mn.clone(), requires_grad=tune_minmax)
+        self.max_scale = nn.Parameter(mx.clone(), requires_grad=tune_minmax)
+
+    def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
+        return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, _ = self.qdq_weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.v.detach().clone(), self.min_scale.detach().clone(), self.max_scale.detach().clone()]
+
+    def load(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip((self.v, self.min_scale, self.max_scale), state):
+                p.copy_(s)
+
+    @torch.no_grad()
+    def bake(self) -> QParams:
+        """Write the qdq weight into the wrapped module and return its QParams."""
+        w_qdq, qp = self.qdq_weight()
+        set_weight(self.orig, w_qdq)
+        return compact(qp)
+
+
+@dataclass
+class UnitStats:
+    loss_rtn: float  # plain RTN on all calibration samples
+    loss_start: float  # the starting point (RTN or optimized RTN) on all calibration samples
+    loss_final: float  # what is kept, on all calibration samples
+    loss_iter0: float  # minibatch loss at iteration 0
+    loss_best: float  # best minibatch loss seen
+    best_iter: int
+    iters_run: int
+
+    def as_dict(self) -> dict[str, Any]:
+        # JSON has no inf/nan: statistics of loops that did not run are None
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.__dict__.items()}
+
+
+def _full_loss(run: Callable, x: torch.Tensor, target: Callable[[slice], torch.Tensor], bs: int) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], bs):
+            sl = slice(i, i + bs)
+            out = run(x[sl])
+            total += F.mse_loss(out.float(), target(sl).float(), reduction="sum").item()
+            count += out.numel()
+    return total / max(count, 1)
+
+
+def tune_unit(
+    unit: nn.Module,
+    layers: dict[str, tuple[nn.Module, QuantSpec]],
+    x_q: torch.Tensor,
+    target: Callable[[torch.Tensor, Any], torch.Tensor],
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    cfg: TuneConfig,
+    device: torch.device,
+    init_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, QParams], UnitStats]:
+    """Tune the layers of ``unit`` and bake them; returns their QParams and loss statistics.
+
+    ``layers`` maps a name relative to ``unit`` ("" when the unit is the layer itself) to
+    (module, spec). ``target(idx_or_slice, x_batch)`` gives the fp outputs for those samples;
+    ``run(unit, x)`` computes the unit's output.
+    """
+    init_scales = init_scales or {}
+    wrappers: dict[str, TunableLayer] = {}
+    for rel, (mod, spec) in layers.items():
+        mn, mx = init_scales.get(rel, (None, None))
+        wrappers[rel] = TunableLayer(mod, spec, mn, mx, cfg.enable_minmax_tuning)
+    holder = unit
+    if "" in wrappers:  # the unit is a single layer: tune the wrapper itself
+        unit = wrappers[""]
+    else:
+        for rel, wr in wrappers.items():
+            set_module(holder, rel, wr)
+    try:
+        for p in holder.parameters():
+            p.requires_grad_(False)
+        for wr in wrappers.values():
+            wr.v.requires_grad_(True)
+            wr.min_scale.requires_grad_(cfg.enable_minmax_tuning)
+            wr.max_scale.requires_grad_(cfg.enable_minmax_tuning)
+        n = x_q.shape[0]
+        bs = min(cfg.batch_size, n)
+        full_target = lambda sl: target(sl, x_q[sl].to(device))  # noqa: E731
+        start_state = {k: w.state() for k, w in wrappers.items()}
+        for w in wrappers.values():  # plain RTN: no offsets, full range
+            w.load([torch.zeros_like(w.v), torch.ones_like(w.min_scale), torch.ones_like(w.max_scale)])
+        loss_rtn = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs)
+        if init_scales:
+            for k, w in wrappers.items():
+                w.load(start_state[k])
+            loss_start = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs)
+        else:
+            loss_start = loss_rtn
+
+        lr, mlr = cfg.lr_value, cfg.minmax_lr_value
+        best = math.inf
+        best_state = start_state
+        best_iter = 0
+        loss_iter0 = math.nan
+        perm = torch.randperm(n, generator=generator)
+        pos = 0
+        for it in range(cfg.iters):
+            total = 0.0
+            for _ in range(cfg.gradient_accumulate_steps):
+                if pos + bs > n:
+                    perm = torch.randperm(n, generator=generator)
+                    pos = 0
+                idx = perm[pos : pos + bs]
+                pos += bs
+                xb = x_q[idx].to(device)
+                with torch.no_grad():
+                    tb = target(idx, xb)
+                loss = F.mse_loss(run(unit, xb).float(), tb.float())
+                (loss / cfg.gradient_accumulate_steps).backward()
+                total += loss.item() / cfg.gradient_accumulate_steps
+            if not math.isfinite(total):
+                logger.warning("non-finite loss at iteration %d; keeping the best parameters found so far", it)
+                break
+            if it == 0:
+                loss_iter0 = total
+            if total < best:
+                best, best_iter = total, it
+                if not cfg.not_use_best_mse:
+                    best_state = {k: w.state() for k, w in wrappers.items()}
+            decay = 1.0 - it / cfg.iters
+            with torch.no_grad():
+                for wr in wrappers.values():
+                    if wr.v.grad is not None:
+                        wr.v.sub_(lr * decay * wr.v.grad.sign()).clamp_(-0.5, 0.5)
+                        wr.v.grad = None
+                    for s in (wr.min_scale, wr.max_scale):
+                        if s.grad is not None:
+                            s.sub_(mlr * decay * s.grad.sign()).clamp_(0.0, 1.0)
+                            s.grad = None
+        iters_run = it + 1 if cfg.iters else 0
+        if cfg.not_use_best_mse:
+            best_state = {k: w.state() for k, w in wrappers.items()}
+        for k, w in wrappers.items():
+            w.load(best_state[k])
+        loss_final = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs) if iters_run else loss_start
+        if loss_final > loss_start:  # tuning overfit the minibatches: keep the starting point
+            for k, w in wrappers.items():
+                w.load(start_state[k])
+            loss_final = loss_start
+        qparams = {rel: w.bake() for rel, w in wrappers.items()}
+    finally:
+        if "" not in wrappers:
+            for rel, wr in wrappers.items():
+                set_module(holder, rel, wr.orig)
+    stats = UnitStats(loss_rtn, loss_start, loss_final, loss_iter0, best, best_iter, iters_run)
+    return qparams, stats
