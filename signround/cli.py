@@ -14,8 +14,10 @@ from .errors import ConfigError, SignRoundError
 logger = logging.getLogger("signround")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signround", description="Quantize a Hugging Face causal LM with SignRound.")
+def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Quantize a Hugging Face causal LM with SignRound.")
+    p.add_argument("--recipe", default=recipe, choices=["best", "default", "light"],
+                   help="best: 1000 iters, 512 samples; default: 200 iters; light: 50 iters, lr 5e-3")
     p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
     p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16")
     p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
@@ -26,8 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore_layers", default=None, help="comma-separated names/patterns kept in full precision")
     p.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
     p.add_argument("--to_quant_block_names", default=None, help="override block discovery, e.g. model.layers")
-    p.add_argument("--iters", type=int, default=200, help="tuning iterations per block (0: RTN)")
+    p.add_argument("--iters", type=int, default=None, help="tuning iterations per block (default 200; 0: RTN)")
     p.add_argument("--disable_opt_rtn", action="store_true", help="with --iters 0: plain round-to-nearest")
+    p.add_argument("--dataset", default=None,
+                   help="calibration data: a.json,b.txt,org/name:num=256:concat=True:apply_chat_template "
+                        "(default: the built-in offline corpus)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--batch_size", "--train_bs", dest="batch_size", type=int, default=None, help="default 8")
+    p.add_argument("--gradient_accumulate_steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="rounding lr (default 1/iters)")
+    p.add_argument("--minmax_lr", type=float, default=None, help="clipping lr (default lr)")
+    p.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only")
+    p.add_argument("--disable_quanted_input", action="store_true", help="feed blocks fp inputs instead of quantized ones")
+    p.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
+    p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations on the CPU")
+    p.add_argument("--disable_amp", action="store_true", help="no bf16 autocast on GPUs")
+    p.add_argument("--enable_torch_compile", action="store_true", help="(default) compile the qdq kernels")
+    p.add_argument("--disable_torch_compile", action="store_true", help="eager qdq (no C++ compiler needed)")
     p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (auto, float32, float16, bfloat16)")
     p.add_argument("--format", default="auto_round", help="auto_round or fake")
@@ -67,8 +85,22 @@ def run_quantize(args: argparse.Namespace) -> int:
         layer_config=_parse_layer_config(args.layer_config),
         ignore_layers=args.ignore_layers,
         quant_lm_head=args.quant_lm_head,
+        recipe=args.recipe,
+        dataset=args.dataset,
         iters=args.iters,
-        disable_opt_rtn=args.disable_opt_rtn,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        gradient_accumulate_steps=args.gradient_accumulate_steps,
+        lr=args.lr,
+        minmax_lr=args.minmax_lr,
+        enable_minmax_tuning=False if args.disable_minmax_tuning else None,
+        enable_quanted_input=False if args.disable_quanted_input else None,
+        not_use_best_mse=True if args.not_use_best_mse else None,
+        low_gpu_mem_usage=True if args.low_gpu_mem_usage else None,
+        amp=False if args.disable_amp else None,
+        enable_torch_compile=False if args.disable_torch_compile else None,
+        disable_opt_rtn=True if args.disable_opt_rtn else None,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.dtype,
@@ -79,8 +111,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str = "default") -> int:
+    args = build_parser(prog, recipe).parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -91,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SignRoundError as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
+
+
+def main_best() -> int:
+    return main(prog="signround-best", recipe="best")
+
+
+def main_light() -> int:
+    return main(prog="signround-light", recipe="light")
 
 
 if __name__ == "__main__":

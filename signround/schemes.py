@@ -95,8 +95,15 @@ PRESETS: dict[str, QuantSpec] = {
 }
 
 
+_WXA16 = re.compile(r"W(\d+)A16(?:G(\d+))?")
+
+
 def preset(name: str) -> QuantSpec:
+    """A named preset; any ``W{bits}A16[G{group}]`` name is understood too (validated later)."""
     key = name.strip().upper()
+    m = _WXA16.fullmatch(key)
+    if key not in PRESETS and m:
+        return QuantSpec(bits=int(m.group(1)), group_size=int(m.group(2) or 128), sym=True)
     if key not in PRESETS:
         raise ConfigError(
             f"unknown scheme {name!r}; choose one of {', '.join(sorted(PRESETS))} "

@@ -44,13 +44,18 @@ CASES = {
     "missing path": (["--model", "/nonexistent/model"], "does not exist"),
     "hub id": (["--model", "someorg/somemodel"], "Hugging Face Hub id"),
     "not a model": (["--model", "{tmp}"], "not a model directory"),
-    "unknown scheme": (["--scheme", "W5A16"], "unknown scheme"),
+    "unknown scheme": (["--scheme", "INT4X"], "unknown scheme"),
+    "unsupported bits preset": (["--scheme", "W5A16"], "choose bits from"),
     "bad bits": (["--bits", "5"], "choose bits from"),
     "bad group": (["--group_size", "0"], "group_size must be"),
     "regex no match": (["--layer_config", '{"nothing_like_this": {"bits": 8}}'], "matches no quantizable layer"),
     "bad json": (["--layer_config", "{bits: 8"], "not valid JSON"),
     "unknown format": (["--format", "exl2"], "unknown format"),
-    "iters without tuning": (["--iters", "5"], "iters=0"),
+    "missing dataset": (["--iters", "2", "--dataset", "/nonexistent/calib.json"], "does not exist"),
+    "unknown dataset option": (["--iters", "2", "--dataset", "signround-default:numb=4"], "unknown option"),
+    "seqlen beyond context": (["--iters", "2", "--seqlen", "4096"], "longer than the model's context"),
+    "too-short data": (["--iters", "2", "--seqlen", "64", "--dataset", "{tmp}/short.txt"], "no calibration sample"),
+    "bad iters": (["--iters", "-1"], "non-negative"),
 }
 
 
@@ -58,6 +63,7 @@ CASES = {
 def test_bad_input_fails_cleanly(case, stories_dir, tmp_path, capsys):
     extra, needle = CASES[case]
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    (tmp_path / "short.txt").write_text("once upon a time\nthe end\n")
     out = tmp_path / "out"
     args = ["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--output_dir", str(out)]
     rc = main(args + extra)

@@ -30,7 +30,8 @@ def test_overrides():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        ({"scheme": "W5A16"}, "unknown scheme"),
+        ({"scheme": "Q4"}, "unknown scheme"),
+        ({"scheme": "W5A16"}, "choose bits from"),
         ({"bits": 5}, "choose bits from"),
         ({"bits": 1}, "choose bits from"),
         ({"group_size": 0}, "group_size must be"),

@@ -74,11 +74,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     return qc
 
 
-def load_quantized(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+BACKENDS = ("torch", "dequant_once")
+
+
+def load_quantized(
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "torch"
+) -> nn.Module:
     """Load a quantized auto_round checkpoint from a local directory; no network, no upstream package.
 
-    Quantized layers become :class:`QuantLinear` modules holding the packed tensors.
+    Quantized layers become :class:`QuantLinear` modules holding the packed tensors. ``backend``:
+    ``torch`` unpacks on every call (packed weights stay resident), ``dequant_once`` unpacks at the
+    first call and keeps float weights (fastest on CPU, fp-sized memory).
     """
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,12 +119,17 @@ def load_quantized(path: str, device: str | torch.device = "cpu", dtype: torch.d
         unknown = set(sd) - expected
         if unknown:
             raise ModelError(f"{shard.name} holds tensors this model has no place for: {sorted(unknown)[:5]}")
+        # assign=True keeps the file's dtype; float tensors (except fp16 scales) follow the requested dtype
+        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)
         loaded |= set(sd)
     model.tie_weights()
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:
         raise ModelError(f"{p} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
-    logger.info("loaded %d quantized layers from %s (%s)", len(specs), p, packing)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = backend
+    logger.info("loaded %d quantized layers from %s (%s, backend %s)", len(specs), p, packing, backend)
     model.config.quantization_config = qc
     return model.to(device).eval()

@@ -52,6 +52,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
+        # "torch": unpack on every call (packed weights stay the only copy);
+        # "dequant_once": unpack at the first call and keep the float weight (fast, fp-sized memory).
+        self.backend = "torch"
+        self._w_cache: torch.Tensor | None = None
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes ``[in, out]`` and zero points ``[n_groups, out]``."""
@@ -72,7 +76,12 @@ class QuantLinear(nn.Module):
         return w.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight().to(x.dtype)
+        if self.backend == "dequant_once":
+            if self._w_cache is None or self._w_cache.dtype != x.dtype or self._w_cache.device != x.device:
+                self._w_cache = self.dequantize_weight().to(x.dtype)
+            w = self._w_cache
+        else:
+            w = self.dequantize_weight().to(x.dtype)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:

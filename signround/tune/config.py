@@ -22,7 +22,7 @@ class TuneConfig:
     not_use_best_mse: bool = False
     low_gpu_mem_usage: bool = False
     amp: bool = True
-    enable_torch_compile: bool = False
+    enable_torch_compile: bool = True  # compiles the qdq kernels (falls back to eager when unavailable)
     disable_opt_rtn: bool = False
     seed: int = 42
 

@@ -27,6 +27,31 @@ from .rtn import compact
 logger = logging.getLogger(__name__)
 
 
+_COMPILED: dict[QuantSpec, Callable] = {}
+_COMPILE_BROKEN: list[str] = []
+
+
+def _qdq_values(spec: QuantSpec) -> Callable:
+    def fn(w, v, mn, mx):
+        return qdq(w, spec, v=v, min_scale=mn, max_scale=mx)[0]
+
+    return fn
+
+
+def compiled_qdq(spec: QuantSpec) -> Callable | None:
+    """A torch.compile'd qdq for this spec (fused elementwise kernels: the eager qdq's many
+    full-size temporaries otherwise cost more than the block's matmuls), or None when compiling
+    is unavailable here."""
+    if _COMPILE_BROKEN:
+        return None
+    if spec not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED[spec] = torch.compile(_qdq_values(spec), dynamic=False)
+    return _COMPILED[spec]
+
+
 class TunableLayer(nn.Module):
     """Stands in for a Linear/Conv1D during tuning: computes with qdq(W; V, min_scale, max_scale)."""
 
@@ -37,10 +62,12 @@ class TunableLayer(nn.Module):
         min_scale: torch.Tensor | None,
         max_scale: torch.Tensor | None,
         tune_minmax: bool,
+        compile_qdq: bool = False,
     ):
         super().__init__()
         self.orig = module
         self.spec = spec
+        self.compile_qdq = compile_qdq
         w = get_weight(module).detach().float()
         self.register_buffer("w", w, persistent=False)
         self.bias = None if module.bias is None else module.bias.detach().float()
@@ -55,8 +82,18 @@ class TunableLayer(nn.Module):
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
 
+    def qdq_values(self) -> torch.Tensor:
+        fn = compiled_qdq(self.spec) if self.compile_qdq else None
+        if fn is not None:
+            try:
+                return fn(self.w, self.v, self.min_scale, self.max_scale)
+            except Exception as e:  # no compiler toolchain, unsupported backend, ...
+                logger.warning("torch.compile of qdq failed (%s: %s); using eager qdq", type(e).__name__, str(e)[:200])
+                _COMPILE_BROKEN.append(str(e))
+        return self.qdq_weight()[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, _ = self.qdq_weight()
+        w = self.qdq_values()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +162,7 @@ def tune_unit(
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
         mn, mx = init_scales.get(rel, (None, None))
-        wrappers[rel] = TunableLayer(mod, spec, mn, mx, cfg.enable_minmax_tuning)
+        wrappers[rel] = TunableLayer(mod, spec, mn, mx, cfg.enable_minmax_tuning, cfg.enable_torch_compile and cfg.iters > 0)
     holder = unit
     if "" in wrappers:  # the unit is a single layer: tune the wrapper itself
         unit = wrappers[""]

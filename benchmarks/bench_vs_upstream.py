@@ -1,0 +1,197 @@
+"""Side-by-side benchmark: signround vs upstream auto-round on the same model, data and settings.
+
+    python3 benchmarks/bench_vs_upstream.py --runs ours:W4G64:50,upstream:W4G64:50,ours:W2G64:50,upstream:W2G64:50
+
+Each run is a separate process (wall time and peak RSS of the whole process, sampled with psutil);
+runs are executed in the order given, so list them alternating between tools. Both tools get the same
+calibration texts (``--nsamples`` texts from signround's built-in corpus, each at least ``--seqlen``
+tokens long, so both keep all of them) and the same settings. Every output (auto_round format) is
+then loaded with ``signround.load_quantized`` and scored on WikiText-2 test and tinyshakespeare with
+fixed windows. Prints a markdown table and writes JSON next to the outputs.
+
+Run specs: ``TOOL:SCHEME:ITERS`` with TOOL ours|upstream, SCHEME W{bits}G{group}[A] (A: asym),
+ITERS an integer; ``ours:W4G64:rtn`` is plain RTN (iters 0, no opt-RTN) and ITERS 0 is optimized RTN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from upstream_env import MISSING, upstream_python  # noqa: E402
+
+CORPORA = {"wikitext2": REPO.parent / "shared" / "corpora" / "wikitext2_test.txt",
+           "tinyshakespeare": REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"}
+
+UPSTREAM_CHILD = r"""
+import json, sys
+def main():
+    from auto_round import AutoRound
+    a = json.loads(sys.argv[1])
+    texts = json.load(open(a["calib"]))
+    kw = dict(bits=a["bits"], group_size=a["group_size"], sym=a["sym"], iters=a["iters"],
+              nsamples=a["nsamples"], seqlen=a["seqlen"], batch_size=a["batch_size"], dataset=texts, seed=42)
+    if a["plain_rtn"]:
+        kw["disable_opt_rtn"] = True
+    ar = AutoRound(a["model"], scheme="W4A16", **kw)
+    ar.quantize_and_save(a["out"], format="auto_round")
+if __name__ == "__main__":
+    main()
+"""
+
+
+def parse_run(spec: str) -> dict:
+    tool, scheme, iters = spec.split(":")
+    m = re.fullmatch(r"W(\d)G(-?\d+)(A?)", scheme)
+    if tool not in ("ours", "upstream") or not m:
+        raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:W4G64[A]:ITERS")
+    plain = iters == "rtn"
+    return {"tool": tool, "scheme": scheme, "bits": int(m.group(1)), "group_size": int(m.group(2)),
+            "sym": not m.group(3), "iters": 0 if plain else int(iters), "plain_rtn": plain, "name": spec.replace(":", "_")}
+
+
+def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:
+    """The first nsamples texts of the built-in corpus that have >= seqlen tokens (deterministic)."""
+    import gzip
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
+    out = []
+    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            if len(tok(text)["input_ids"]) >= seqlen + 8:
+                out.append(text)
+            if len(out) == nsamples:
+                break
+    return out
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run a command; return wall seconds and peak RSS of its whole process tree."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    return {"seconds": time.time() - t0, "peak_rss_mb": peak / 2**20, "returncode": proc.returncode}
+
+
+def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
+    out = work / run["name"]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    if run["tool"] == "ours":
+        cmd = [sys.executable, "-m", "signround", "--model", args.model, "--scheme", f"W{run['bits']}A16",
+               "--group_size", str(run["group_size"]), "--iters", str(run["iters"]), "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size), "--dataset", str(calib),
+               "--output_dir", str(out)]
+        if not run["sym"]:
+            cmd.append("--asym")
+        if run["plain_rtn"]:
+            cmd.append("--disable_opt_rtn")
+    else:
+        if upy is None:
+            return {"skipped": MISSING}
+        a = {**run, "model": args.model, "calib": str(calib), "out": str(out), "nsamples": args.nsamples,
+             "seqlen": args.seqlen, "batch_size": args.batch_size}
+        cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
+    res = measure(cmd, work / f"{run['name']}.log")
+    res["dir"] = str(out)
+    if res["returncode"] != 0:
+        res["error"] = (work / f"{run['name']}.log").read_text()[-2000:]
+    return res
+
+
+def evaluate(path: str, fp: bool, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from signround import load_quantized
+    from signround.eval import perplexity, read_text
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if fp:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = load_quantized(path, dtype=torch.float32, backend="dequant_once")
+    res = {}
+    for name, corpus in CORPORA.items():
+        r = perplexity(model, tok, read_text(corpus), seqlen=args.eval_seqlen, n_windows=args.eval_windows)
+        res[name] = r["ppl"]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / ".bench" / "SmolLM2-135M"))
+    ap.add_argument("--runs", default="ours:W4G64:50,upstream:W4G64:50,ours:W2G64:50,upstream:W2G64:50")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--eval_seqlen", type=int, default=512)
+    ap.add_argument("--eval_windows", type=int, default=16)
+    ap.add_argument("--work", default=str(REPO / ".bench" / "runs"))
+    ap.add_argument("--eval_only", action="store_true", help="re-score existing outputs")
+    args = ap.parse_args()
+    if not Path(args.model).is_dir():
+        subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "calib.json"
+    calib.write_text(json.dumps(calibration_texts(args.model, args.nsamples, args.seqlen)))
+    upy = upstream_python()
+    runs = [parse_run(s) for s in args.runs.split(",") if s]
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if "fp" not in results:
+        results["fp"] = {"ppl": evaluate(args.model, True, args)}
+    for run in runs:
+        if not args.eval_only:
+            print(f"running {run['name']} ...", flush=True)
+            results[run["name"]] = {**run, **run_one(run, args, calib, work, upy)}
+        r = results.get(run["name"])
+        if r and r.get("returncode") == 0:
+            r["ppl"] = evaluate(r["dir"], False, args)
+        results_path.write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: v for k, v in (r or {}).items() if k != "error"}), flush=True)
+    fp = results["fp"]["ppl"]
+    print(f"\nmodel {Path(args.model).name}; calibration {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}; "
+          f"perplexity over {args.eval_windows} windows x {args.eval_seqlen} tokens\n")
+    print("| run | wall s | peak RSS MiB | WikiText-2 ppl | tinyshakespeare ppl |")
+    print("|---|---|---|---|---|")
+    print(f"| fp16 model | | | {fp['wikitext2']:.2f} | {fp['tinyshakespeare']:.2f} |")
+    for run in runs:
+        r = results.get(run["name"], {})
+        if "ppl" not in r:
+            print(f"| {run['name']} | {r.get('skipped') or r.get('error', 'failed')[-200:]} | | | |")
+            continue
+        print(f"| {run['name']} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['ppl']['wikitext2']:.2f} | {r['ppl']['tinyshakespeare']:.2f} |")
+    print(f"\nJSON: {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

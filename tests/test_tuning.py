@@ -1,0 +1,106 @@
+"""SignRound and optimized RTN on stories260K: losses, chaining, lm_head, logs, reload."""
+
+import json
+
+import pytest
+import torch
+
+from signround import AutoRound, load_quantized
+from signround.qdq import qdq
+from signround.schemes import QuantSpec
+from signround.tune.signround import compiled_qdq
+
+SMALL = dict(nsamples=8, seqlen=64, batch_size=4, enable_torch_compile=False)
+
+
+@pytest.fixture(scope="module")
+def tuned(stories_dir):
+    ar = AutoRound(str(stories_dir), scheme="W2A16G32", iters=30, **SMALL)
+    ar.quantize()
+    return ar
+
+
+def test_signround_beats_rtn_on_every_block(tuned):
+    stats = tuned.result.block_stats
+    assert len(stats) == 5
+    for block, s in stats.items():
+        assert s["loss_final"] < s["loss_rtn"], (block, s)
+        assert s["loss_final"] <= s["loss_start"]
+        assert s["iters_run"] == 30
+
+
+def test_opt_rtn_beats_plain_rtn(stories_dir):
+    ar = AutoRound(str(stories_dir), scheme="W2A16G32", iters=0, **SMALL)
+    ar.quantize()
+    assert ar.cfg.mode == "opt_rtn"
+    for s in ar.result.block_stats.values():
+        assert s["loss_start"] < s["loss_rtn"]
+
+
+def test_tuned_model_saves_log_and_reloads(tuned, tmp_path):
+    tuned.save_quantized(tmp_path / "q")
+    log = json.loads((tmp_path / "q" / "quantization_log.json").read_text())
+    assert log["mode"] == "signround" and set(log["blocks"]) == set(tuned.result.block_stats)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["iters"] == 30 and qc["nsamples"] == 8
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(str(tmp_path / "q"))(ids).logits, tuned.model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_lm_head_is_tuned(stories_dir):
+    ar = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=10, quant_lm_head=True, **SMALL)
+    ar.quantize()
+    s = ar.result.block_stats["lm_head"]
+    assert s["loss_final"] <= s["loss_rtn"] and s["iters_run"] == 10
+    assert "lm_head" in ar.result.qparams
+
+
+def test_options_change_behaviour(stories_dir):
+    base = dict(scheme="W2A16G32", iters=10, **SMALL)
+    no_minmax = AutoRound(str(stories_dir), enable_minmax_tuning=False, **base)
+    no_minmax.quantize()
+    fp_in = AutoRound(str(stories_dir), enable_quanted_input=False, **base)
+    fp_in.quantize()
+    a = no_minmax.result.block_stats["model.layers.4"]["loss_final"]
+    b = fp_in.result.block_stats["model.layers.4"]["loss_final"]
+    assert a != b
+
+
+def test_recipes_and_bad_options(stories_dir):
+    from signround.errors import ConfigError
+    from signround.tune.config import tune_config
+
+    assert tune_config("best").iters == 1000 and tune_config("best").nsamples == 512
+    assert tune_config("light").iters == 50 and tune_config("light").lr == 5e-3
+    assert tune_config().iters == 200 and tune_config().lr_value == 1 / 200
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        tune_config("fastest")
+    with pytest.raises(ConfigError, match="batch_size"):
+        tune_config(batch_size=0)
+
+
+def test_few_samples_lower_batch_size(stories_dir, caplog):
+    ar = AutoRound(str(stories_dir), scheme="W4A16", iters=2, nsamples=3, seqlen=64, batch_size=8,
+                   enable_torch_compile=False)
+    ar.quantize()
+    assert ar.cfg.batch_size == 3 and "batch_size lowered" in caplog.text
+
+
+def test_compiled_qdq_matches_eager():
+    spec = QuantSpec(bits=3, group_size=32, sym=False)
+    torch.manual_seed(0)
+    w = torch.randn(8, 80)
+    v = (torch.rand_like(w) - 0.5).requires_grad_()
+    mn = torch.rand(8, 3).requires_grad_()
+    mx = torch.rand(8, 3).requires_grad_()
+    fn = compiled_qdq(spec)
+    assert fn is not None
+    out = fn(w, v, mn, mx)
+    ref = qdq(w, spec, v=v, min_scale=mn, max_scale=mx)[0]
+    torch.testing.assert_close(out, ref)
+    g1 = torch.autograd.grad(out.square().sum(), [v, mn, mx])
+    g2 = torch.autograd.grad(ref.square().sum(), [v, mn, mx])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
