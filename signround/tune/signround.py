@@ -47,7 +47,11 @@ def compiled_qdq(spec: QuantSpec) -> Callable | None:
     if spec not in _COMPILED:
         import torch._dynamo
 
+        import torch._inductor.config
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # keep the fp16 rounding of scales: without it inductor drops the fp32->fp16->fp32 round trip
+        torch._inductor.config.emulate_precision_casts = True
         _COMPILED[spec] = torch.compile(_qdq_values(spec), dynamic=False)
     return _COMPILED[spec]
 
@@ -236,7 +240,7 @@ def tune_unit(
         for k, w in wrappers.items():
             w.load(best_state[k])
         loss_final = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs) if iters_run else loss_start
-        if loss_final > loss_start:  # tuning overfit the minibatches: keep the starting point
+        if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
             for k, w in wrappers.items():
                 w.load(start_state[k])
             loss_final = loss_start
