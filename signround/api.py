@@ -78,6 +78,7 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, seed=seed,
         )
+        self._seqlen_given = seqlen is not None
         self.dataset = DEFAULT_DATASET if dataset is None else dataset
         self.device_map = device_map
         self.seed = seed
@@ -102,7 +103,10 @@ class AutoRound:
         text_cfg = self.model.config.get_text_config()
         ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
         if ctx and self.cfg.seqlen > ctx:
-            raise ConfigError(f"seqlen {self.cfg.seqlen} is longer than the model's context ({ctx}); lower --seqlen")
+            if self._seqlen_given:
+                raise ConfigError(f"seqlen {self.cfg.seqlen} is longer than the model's context ({ctx}); lower --seqlen")
+            logger.warning("default seqlen %d is longer than the model's context: using %d", self.cfg.seqlen, ctx)
+            self.cfg.seqlen = ctx
 
     def calibration_ids(self) -> torch.Tensor:
         """Tokenized calibration samples ``[n, seqlen]`` (validated: at least one sample)."""
@@ -139,7 +143,11 @@ class AutoRound:
     def save_quantized(
         self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True, **kwargs: Any
     ) -> Path:
-        """Write the quantized model to exactly ``output_dir`` in ``format`` (auto_round or fake)."""
+        """Write the quantized model to exactly ``output_dir`` in ``format``.
+
+        ``format`` is auto_round, auto_gptq, auto_awq or fake, or several comma-separated (one
+        subdirectory each, from the same tuning).
+        """
         if self.result is None:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
         out = export.save(
@@ -153,9 +161,7 @@ class AutoRound:
         self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", **kwargs: Any
     ) -> tuple[nn.Module, Path]:
         """Check the output target, quantize, save; returns ``(model, output path)``."""
-        exporter = export.get_exporter(format)
-        exporter.check(self.plan)
-        export.check_output_dir(output_dir, exporter.estimate_bytes(self.model, self.plan))
+        export.check_formats(format, self.model, self.plan, output_dir)
         self.quantize()
         return self.model, self.save_quantized(output_dir, format, **kwargs)
 

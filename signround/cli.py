@@ -48,7 +48,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--disable_torch_compile", action="store_true", help="eager qdq (no C++ compiler needed)")
     p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (auto, float32, float16, bfloat16)")
-    p.add_argument("--format", default="auto_round", help="auto_round or fake")
+    p.add_argument("--format", default="auto_round",
+                   help="auto_round, auto_gptq, auto_awq, fake; comma-separated for several (one subdirectory each)")
     p.add_argument("--output_dir", required=True, help="the model is written to exactly this directory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
@@ -74,7 +75,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .api import AutoRound
 
     # Cheap checks first: nothing is loaded before the output target and the format are known good.
-    exporter = export.get_exporter(args.format)
+    export.get_exporters(args.format)
     export.check_output_dir(args.output_dir)
     ar = AutoRound(
         args.model,
@@ -107,7 +108,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
     )
-    ar.quantize_and_save(args.output_dir, format=exporter.name)
+    ar.quantize_and_save(args.output_dir, format=args.format)
     return 0
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from signround.export.auto_round import PACKINGS, pack_layer
+from signround.export.packing import PACKINGS, pack_layer
 from signround.export.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from signround.inference.qlinear import QuantLinear
 from signround.qdq import qdq

@@ -9,8 +9,12 @@ AWQ packs 4-bit values along the output dimension, eight per word, in the order 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from ..errors import ExportError
+from ..qdq import QParams
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of each run of eight
 AWQ_REVERSE = tuple(AWQ_ORDER.index(c) for c in range(8))  # column c lives in nibble AWQ_REVERSE[c]
@@ -87,3 +91,33 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
 def unpack_awq(packed: torch.Tensor, cols: int) -> torch.Tensor:
     x = unpack_cols(packed, 4, packed.shape[1] * 8)
     return _awq_permute(x, AWQ_REVERSE)[:, :cols]
+
+
+@dataclass(frozen=True)
+class Packing:
+    layout: str  # "gptq" or "awq"
+    zero_offset: int  # added to the zero point before storing (-1: legacy GPTQ convention)
+
+
+PACKINGS: dict[str, Packing] = {
+    "auto_round:auto_gptq": Packing("gptq", -1),
+    "auto_round": Packing("gptq", 0),
+    "auto_round:auto_awq": Packing("awq", 0),
+}
+
+
+def pack_layer(qp: QParams, packing: str) -> dict[str, torch.Tensor]:
+    """QParams -> ``qweight`` / ``qzeros`` / ``scales`` tensors of the given packing format."""
+    p = PACKINGS[packing]
+    codes = qp.codes.to(torch.int64).t()  # [in, out]
+    zeros = qp.zero.round().to(torch.int64).t() + p.zero_offset  # [n_groups, out]
+    if int(zeros.min()) < 0:
+        raise ExportError(
+            f"a zero point of 0 cannot be stored with packing {packing!r} (zero minus one); "
+            "this is a bug in packing selection, please report it"
+        )
+    if p.layout == "gptq":
+        qweight, qzeros = pack_rows(codes, qp.bits), pack_cols(zeros, qp.bits)
+    else:
+        qweight, qzeros = pack_awq(codes), pack_awq(zeros)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": qp.scale.t().contiguous().to(torch.float16)}

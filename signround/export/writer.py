@@ -78,8 +78,11 @@ class AtomicDir:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)
-        for f in self.tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+        for root, dirs, files in os.walk(self.tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
         if self.target.exists():
             self.target.rmdir()  # empty, checked above
         os.rename(self.tmp, self.target)

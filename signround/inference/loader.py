@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelError
-from ..model.layers import QUANTIZABLE_TYPES, get_module, in_out_features, set_module
+from ..export.packing import PACKINGS
+from ..model.layers import QUANTIZABLE_TYPES, in_out_features, set_module
 from ..model.loading import check_model_path
 from ..schemes import QuantSpec
 from .qlinear import QuantLinear
@@ -21,38 +23,61 @@ from .qlinear import QuantLinear
 logger = logging.getLogger(__name__)
 
 
-def _layer_specs(model: nn.Module, qc: dict[str, Any]) -> dict[str, QuantSpec]:
-    """Per-layer specs from ``block_name_to_quantize`` + global settings + ``extra_config``."""
-    default = QuantSpec(
-        bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", True)),
-        data_type=qc.get("data_type", "int"),
-    )
-    blocks = qc.get("block_name_to_quantize") or qc.get("to_quant_block_names") or ""
-    prefixes = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]
-    extra: dict[str, dict] = qc.get("extra_config") or {}
-    specs: dict[str, QuantSpec] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, QUANTIZABLE_TYPES):
-            continue
-        in_block = any(name == p or name.startswith(p + ".") for p in prefixes)
-        override = extra.get(name)
-        if override is None:
-            override = next(
-                (v for k, v in extra.items() if k not in specs and _regex_match(k, name)), None
-            )
-        if not in_block and override is None:
-            continue
-        spec = default.with_overrides(**{k: v for k, v in (override or {}).items() if k in ("bits", "group_size", "sym")})
-        if spec.quantized:
-            specs[name] = spec
-    return specs
-
-
 def _regex_match(key: str, name: str) -> bool:
     try:
         return re.fullmatch(key, name) is not None
     except re.error:
         return False
+
+
+def _gptq_dynamic(dynamic: dict[str, dict], name: str) -> dict | None:
+    """GPTQModel ``dynamic``: ``-:regex`` skips a layer ({"bits": 16}), ``+:regex``/``regex`` overrides it."""
+    for key, value in dynamic.items():
+        sign, pattern = (key[0], key[2:]) if key[:2] in ("+:", "-:") else ("+", key)
+        if re.match(pattern, name):
+            return {"bits": 16} if sign == "-" else value
+    return None
+
+
+def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
+    """(packing, default spec) of a quantization_config from signround, upstream auto-round, GPTQ or AWQ."""
+    method = str(qc.get("quant_method", "")).replace("_", "-").lower()
+    bits, gs = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if method == "auto-round":
+        packing = qc.get("packing_format", "auto_round:auto_gptq").replace("auto_round:gptq", "auto_round:auto_gptq")
+        if packing not in PACKINGS:
+            raise ModelError(f"{path}: packing_format {packing!r} is not supported; supported: {sorted(PACKINGS)}")
+        if qc.get("data_type", "int") != "int":
+            raise ModelError(f"{path}: data_type {qc.get('data_type')!r} is not supported yet")
+        return packing, QuantSpec(bits, gs, bool(qc.get("sym", True)))
+    if method == "gptq":
+        if qc.get("desc_act") and not qc.get("static_groups"):
+            raise ModelError(f"{path}: GPTQ with desc_act (act-order g_idx) is not supported; re-quantize with desc_act=False")
+        v2 = str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
+        return ("auto_round" if v2 else "auto_round:auto_gptq"), QuantSpec(bits, gs, bool(qc.get("sym", True)))
+    if method == "awq":
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ModelError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only gemm")
+        return "auto_round:auto_awq", QuantSpec(4, gs, not qc.get("zero_point", True))
+    raise ModelError(
+        f"{path}: quant_method {qc.get('quant_method')!r} is not supported; signround loads auto-round, gptq and awq checkpoints"
+    )
+
+
+def _layer_specs(qc: dict[str, Any], default: QuantSpec, quantized: list[str]) -> dict[str, QuantSpec]:
+    """Spec of each layer that has a ``qweight`` in the checkpoint: global settings + per-layer entries."""
+    extra: dict[str, dict] = qc.get("extra_config") or {}
+    dynamic: dict[str, dict] = qc.get("dynamic") or {}
+    specs: dict[str, QuantSpec] = {}
+    for name in quantized:
+        override = extra.get(name)
+        if override is None:
+            override = next((v for k, v in extra.items() if _regex_match(k, name)), None)
+        if override is None and dynamic:
+            override = _gptq_dynamic(dynamic, name)
+        keys = ("bits", "group_size", "sym")
+        specs[name] = default.with_overrides(**{k: v for k, v in (override or {}).items() if k in keys})
+    return specs
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -63,14 +88,6 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{path} has no quantization_config; it is a full-precision model: load it with "
             "transformers.AutoModelForCausalLM.from_pretrained"
         )
-    method = str(qc.get("quant_method", "")).replace("_", "-")
-    if method != "auto-round":
-        raise ModelError(f"{path}: quant_method {qc.get('quant_method')!r} is not supported yet; signround loads auto-round checkpoints")
-    packing = qc.get("packing_format", "auto_round:auto_gptq")
-    if packing not in ("auto_round", "auto_round:auto_gptq", "auto_round:gptq", "auto_round:auto_awq"):
-        raise ModelError(f"{path}: packing_format {packing!r} is not supported")
-    if qc.get("data_type", "int") != "int":
-        raise ModelError(f"{path}: data_type {qc.get('data_type')!r} is not supported yet")
     return qc
 
 
@@ -80,7 +97,9 @@ BACKENDS = ("torch", "dequant_once")
 def load_quantized(
     path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "torch"
 ) -> nn.Module:
-    """Load a quantized auto_round checkpoint from a local directory; no network, no upstream package.
+    """Load a quantized checkpoint (auto_round from signround or upstream, GPTQ, AWQ) from a local directory.
+
+    Needs no network and no upstream package; GPTQ/AWQ layers are converted to our QuantLinear.
 
     Quantized layers become :class:`QuantLinear` modules holding the packed tensors. ``backend``:
     ``torch`` unpacks on every call (packed weights stay resident), ``dequant_once`` unpacks at the
@@ -93,7 +112,10 @@ def load_quantized(
 
     p = check_model_path(path)
     qc = _read_config(p)
-    packing = qc.get("packing_format", "auto_round:auto_gptq").replace("auto_round:gptq", "auto_round:auto_gptq")
+    packing, default = _format_of(qc, p)
+    shards = sorted(p.glob("*.safetensors"))
+    keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
+    quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
     config = AutoConfig.from_pretrained(str(p))
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -103,9 +125,14 @@ def load_quantized(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    specs = _layer_specs(model, qc)
+    specs = _layer_specs(qc, default, quantized)
+    modules = dict(model.named_modules())
     for name, spec in specs.items():
-        mod = get_module(model, name)
+        mod = modules.get(name)
+        if not isinstance(mod, QUANTIZABLE_TYPES):
+            raise ModelError(f"{p}: {name}.qweight has no Linear layer to go with in this architecture")
+        if not spec.quantized:
+            raise ModelError(f"{p}: {name} holds packed weights but its config entry says bits={spec.bits}")
         in_f, out_f = in_out_features(mod)
         set_module(
             model, name,
@@ -113,16 +140,15 @@ def load_quantized(
         )
 
     expected = set(model.state_dict().keys())
-    loaded: set[str] = set()
-    for shard in sorted(p.glob("*.safetensors")):
+    for shard in shards:
         sd = load_file(str(shard))
-        unknown = set(sd) - expected
+        unknown = {k for k in set(sd) - expected if not k.endswith(".g_idx")}
         if unknown:
             raise ModelError(f"{shard.name} holds tensors this model has no place for: {sorted(unknown)[:5]}")
         # assign=True keeps the file's dtype; float tensors (except fp16 scales) follow the requested dtype
-        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in sd.items()}
+        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
+              for k, v in sd.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
-        loaded |= set(sd)
     model.tie_weights()
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..export.auto_round import PACKINGS
+from ..export.packing import PACKINGS
 from ..export.packing import packed_len, unpack_awq, unpack_cols, unpack_rows
 from ..qdq.common import effective_group_size
 

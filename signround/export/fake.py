@@ -1,0 +1,29 @@
+"""The `fake` format: qdq weights in the original dtype, an ordinary transformers checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..plan import QuantPlan
+from ..qdq import QParams
+from .writer import unique_state_dict
+
+
+class FakeExporter:
+    name = "fake"
+    description = "qdq weights in the original dtype: an ordinary transformers checkpoint (any scheme)"
+
+    def check(self, plan: QuantPlan, model: nn.Module) -> None:
+        return None
+
+    def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> None:
+        return None
+
+    def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from unique_state_dict(model)
