@@ -1,4 +1,4 @@
-"""Check that upstream auto-round loads our auto_round files (through transformers) with our logits.
+"""Check that upstream auto-round loads our auto_round, auto_gptq and auto_awq files with our logits.
 
 Quantizes a tiny random Llama (sizes upstream kernels accept) with several schemes, saves each in the
 auto_round format, computes logits with ``signround.load_quantized``, then loads the same directory in
@@ -24,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from upstream_env import MISSING, setup_upstream, upstream_python  # noqa: E402
 
 CASES = {
+    "auto_gptq: W4 sym g32": dict(scheme="W4A16", group_size=32, format="auto_gptq"),
+    "auto_gptq: W2 sym g32 + 8-bit down_proj + fp v_proj (dynamic)": dict(
+        scheme="W2A16G32", format="auto_gptq", layer_config={"down_proj": {"bits": 8}, "v_proj": {"bits": 16}}),
+    "auto_awq: W4 asym g64": dict(scheme="W4A16", group_size=64, sym=False, format="auto_awq"),
     "W4 sym g32 (auto_gptq packing)": dict(scheme="W4A16", group_size=32),
     "W4 asym g64 (auto_awq packing)": dict(scheme="W4A16", group_size=64, sym=False),
     "W2 sym g32": dict(scheme="W2A16G32"),
@@ -43,7 +47,12 @@ from transformers import AutoModelForCausalLM
 ids = load_file(sys.argv[1])["ids"]
 out = {}
 for i, d in enumerate(json.loads(sys.argv[3])):
-    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32)
+    method = json.load(open(d + "/config.json"))["quantization_config"]["quant_method"]
+    kw = {}
+    if method != "auto-round":  # GPTQ / AWQ files go through auto-round's converter
+        from transformers import AutoRoundConfig
+        kw["quantization_config"] = AutoRoundConfig()
+    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32, **kw)
     with torch.no_grad():
         out[f"case{i}"] = m(ids).logits.float().contiguous()
     print("DTYPE", i, str(m.dtype).replace("torch.", ""))
@@ -85,7 +94,9 @@ def main() -> int:
     dirs, ours = [], []
     for i, kw in enumerate(CASES.values()):
         out = work / f"case{i}"
-        AutoRound(str(src), iters=0, disable_opt_rtn=True, **kw).quantize_and_save(out)
+        kw = dict(kw)
+        fmt = kw.pop("format", "auto_round")
+        AutoRound(str(src), iters=0, disable_opt_rtn=True, **kw).quantize_and_save(out, format=fmt)
         with torch.no_grad():
             ours.append(load_quantized(str(out))(ids).logits.float())
         dirs.append(str(out))
@@ -104,7 +115,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     worst = 0.0
     for i, name in enumerate(CASES):
-        packing = json.loads((Path(dirs[i]) / "config.json").read_text())["quantization_config"]["packing_format"]
+        qc = json.loads((Path(dirs[i]) / "config.json").read_text())["quantization_config"]
+        packing = qc.get("packing_format", qc["quant_method"])
         diff = (theirs[f"case{i}"] - ours[i]).abs().max().item()
         worst = max(worst, diff / max(ours[i].abs().max().item(), 1e-6))
         print(f"| {name} | {packing} | {dtypes.get(i, '?')} | {diff:.2e} | {ours[i].abs().max().item():.2f} |")

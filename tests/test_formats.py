@@ -43,7 +43,7 @@ def test_auto_awq_round_trip(tiny_model_dir, tmp_path, sym):
     ar = rtn(tiny_model_dir("qwen2"), scheme="W4A16", group_size=16, sym=sym, ignore_layers="o_proj")
     ar.quantize_and_save(tmp_path / "q", format="auto_awq")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True, "version": "gemm",
+    assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 16, "sym": sym, "zero_point": not sym, "version": "gemm",
                    "modules_to_not_convert": ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj",
                                               "lm_head"]}
     loaded = load_quantized(str(tmp_path / "q"))

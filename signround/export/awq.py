@@ -22,6 +22,8 @@ class AutoAWQExporter(PackedExporter):
         q = plan.quantized
         alt = "use --format auto_round (any bits and mixes) or auto_gptq"
         for name, spec in q.items():
+            if spec.sym != plan.default.sym:
+                raise ExportError(f"auto_awq needs all layers symmetric or all asymmetric; {name} differs; {alt}")
             if spec.bits != 4:
                 raise ExportError(f"auto_awq holds 4-bit weights only, but {name} is {spec.label()}; {alt}")
             if spec.group_size != plan.default.group_size:
@@ -46,7 +48,8 @@ class AutoAWQExporter(PackedExporter):
             "quant_method": "awq",
             "bits": 4,
             "group_size": plan.default.group_size,
-            "zero_point": True,
+            "sym": plan.default.sym,
+            "zero_point": not plan.default.sym,  # as upstream writes it; zeros are stored either way
             "version": "gemm",
             "modules_to_not_convert": not_converted or None,
         }

@@ -51,8 +51,8 @@ class AutoGPTQExporter(PackedExporter):
             "static_groups": False,
             "true_sequential": False,
             "damp_percent": 0.01,
+            # no "meta" entry: transformers' GPTQ->auto-round converter takes it as the GPTQModel v2 layout
             "checkpoint_format": "gptq",
-            "meta": {"quantizer": ["signround:0.1.0"]},
         }
         inside = {n for names in plan.block_layers.values() for n in names}
         dynamic: dict[str, dict[str, Any]] = {}

@@ -58,7 +58,7 @@ def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
     if method == "awq":
         if str(qc.get("version", "gemm")).lower() != "gemm":
             raise ModelError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only gemm")
-        return "auto_round:auto_awq", QuantSpec(4, gs, not qc.get("zero_point", True))
+        return "auto_round:auto_awq", QuantSpec(4, gs, bool(qc.get("sym", not qc.get("zero_point", True))))
     raise ModelError(
         f"{path}: quant_method {qc.get('quant_method')!r} is not supported; signround loads auto-round, gptq and awq checkpoints"
     )
