@@ -119,7 +119,9 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
              "seqlen": args.seqlen, "batch_size": args.batch_size}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
-    res["dir"] = str(out)
+    # upstream writes tuned models into a subdirectory named after the model and scheme
+    found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
+    res["dir"] = str(found[0] if found else out)
     if res["returncode"] != 0:
         res["error"] = (work / f"{run['name']}.log").read_text()[-2000:]
     return res
@@ -172,6 +174,7 @@ def main() -> int:
         if not args.eval_only:
             print(f"running {run['name']} ...", flush=True)
             results[run["name"]] = {**run, **run_one(run, args, calib, work, upy)}
+            results_path.write_text(json.dumps(results, indent=2))
         r = results.get(run["name"])
         if r and r.get("returncode") == 0:
             r["ppl"] = evaluate(r["dir"], False, args)
