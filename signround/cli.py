@@ -112,7 +112,29 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_list(what: Sequence[str]) -> int:
+    """``signround list formats`` / ``signround list schemes``."""
+    from .export import FORMATS
+    from .schemes import PRESETS
+
+    topic = what[0] if what else ""
+    if topic == "formats":
+        width = max(map(len, FORMATS))
+        for name, e in FORMATS.items():
+            print(f"{name:<{width}}  {e.description}")
+        return 0
+    if topic == "schemes":
+        for name, spec in PRESETS.items():
+            print(f"{name:<9} {spec.label()}")
+        return 0
+    print("signround: error: use `signround list formats` or `signround list schemes`", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str = "default") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "list":
+        return run_list(argv[1:])
     args = build_parser(prog, recipe).parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

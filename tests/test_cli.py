@@ -117,3 +117,13 @@ def test_failed_save_leaves_nothing(stories_dir, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="disk full"):
         ar.save_quantized(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_list_formats_and_schemes(capsys):
+    assert main(["list", "formats"]) == 0
+    out = capsys.readouterr().out
+    for fmt in ("auto_round", "auto_gptq", "auto_awq", "fake"):
+        assert fmt in out
+    assert "4-bit only" in out
+    assert main(["list", "schemes"]) == 0 and "W2A16G64" in capsys.readouterr().out
+    assert main(["list", "nothing"]) == 2
