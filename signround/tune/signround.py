@@ -52,6 +52,8 @@ def compiled_qdq(spec: QuantSpec) -> Callable | None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # keep the fp16 rounding of scales: without it inductor drops the fp32->fp16->fp32 round trip
         torch._inductor.config.emulate_precision_casts = True
+        # compile in-process: a pool of compile workers costs hundreds of MB of RSS for a few kernels
+        torch._inductor.config.compile_threads = 1
         _COMPILED[spec] = torch.compile(_qdq_values(spec), dynamic=False)
     return _COMPILED[spec]
 
