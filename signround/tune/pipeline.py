@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from ..model.capture import _StopForward, block_forward, capture_block_inputs, cast_kwargs
 from ..model.layers import get_module, get_weight
 from ..plan import QuantPlan, untie_output_embedding
+from ..memory import drop_file_pages, release_memory
 from ..qdq import QParams
 from .config import TuneConfig
-from .rtn import rtn_layer, search_clip
-from .signround import tune_unit
+from .rtn import CLIP_GRID, COARSE_CLIP_GRID, rtn_layer, search_clip
+from .signround import UnitResult, tune_unit
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +47,6 @@ def _autocast(device: torch.device, cfg: TuneConfig):
     if cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()  # CPUs here lack native bf16: fp32 is faster and exact
-
-
-def _importance(unit: nn.Module, layers: dict[str, nn.Module], run, x: torch.Tensor, bs: int, device) -> dict[str, torch.Tensor]:
-    """Per input channel sum of x^2 over the calibration tokens, for each layer."""
-    acc: dict[str, torch.Tensor] = {}
-    handles = []
-    for rel, mod in layers.items():
-        def hook(_m, args, rel=rel):
-            a = args[0].detach().float()
-            s = (a * a).reshape(-1, a.shape[-1]).sum(0)
-            acc[rel] = acc[rel] + s if rel in acc else s
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, x.shape[0], bs):
-                run(unit, x[i : i + bs].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return acc
 
 
 @torch.no_grad()
@@ -105,6 +86,7 @@ def quantize_calibrated(
         blk = get_module(model, block_name)
         orig_param = next(blk.parameters())
         orig_device, orig_dtype = orig_param.device, orig_param.dtype
+        old_weights = [p.data for p in blk.parameters()]
         blk.to(device=device, dtype=torch.float32)
         kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
 
@@ -117,35 +99,48 @@ def quantize_calibrated(
         if names:
             prefix = block_name + "."
             layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
-            qps, stats = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs, gen)
-            result.qparams.update({prefix + rel: qp for rel, qp in qps.items()})
+            res = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs, gen,
+                                 keep_outputs=cfg.enable_quanted_input)
+            result.qparams.update({prefix + rel: qp for rel, qp in res.qparams.items()})
+            stats = res.stats.as_dict()
             stats["seconds"] = round(time.time() - t0, 3)
             result.block_stats[block_name] = stats
             bar.set_postfix_str(f"loss {stats['loss_rtn']:.3g} -> {stats['loss_final']:.3g}")
             logger.debug("%s: %s", block_name, stats)
-        x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store) if cfg.enable_quanted_input else y_fp
+        if not cfg.enable_quanted_input:
+            x_q = y_fp
+        elif names:
+            x_q = res.outputs.to(store)  # the tuned block's outputs, from its final loss pass
+        else:
+            x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
         x_fp = y_fp
         blk.to(device=orig_device, dtype=orig_dtype)
+        in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        drop_file_pages(old_weights, in_use)
+        del old_weights
+        release_memory()
 
     for name in plan.outside_blocks():
         t0 = time.time()
-        qps, stats = _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen)
-        result.qparams[name] = qps[""]
+        res = _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen)
+        result.qparams[name] = res.qparams[""]
+        stats = res.stats.as_dict()
         stats["seconds"] = round(time.time() - t0, 3)
         result.block_stats[name] = stats
     return result
 
 
-def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen) -> tuple[dict[str, QParams], dict[str, Any]]:
+def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
-    if "" in layers:  # a lone layer: its input is the unit input
-        imp = {"": x_q.float().pow(2).reshape(-1, x_q.shape[-1]).sum(0).to(device)}
-    else:
-        imp = _importance(unit, {rel: m for rel, (m, _) in layers.items()}, run, x_q, bs, device)
-    init = {rel: search_clip(get_weight(m).detach().to(device), spec, imp.get(rel)) for rel, (m, spec) in layers.items()}
+    # SignRound tunes the clipping further, so its start needs only a coarse search
+    grid = COARSE_CLIP_GRID if cfg.mode == "signround" else CLIP_GRID
+
+    def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {rel: search_clip(get_weight(m).detach().to(device), spec, importance.get(rel), grid)
+                for rel, (m, spec) in layers.items()}
+
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
-    qps, stats = tune_unit(unit, layers, x_q, target, run, iters_cfg, device, init, gen)
-    return qps, stats.as_dict()
+    return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, init, gen, keep_outputs)
 
 
 def _zero_iters(cfg: TuneConfig) -> TuneConfig:

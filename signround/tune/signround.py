@@ -136,15 +136,55 @@ class UnitStats:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.__dict__.items()}
 
 
-def _full_loss(run: Callable, x: torch.Tensor, target: Callable[[slice], torch.Tensor], bs: int) -> float:
-    total, count = 0.0, 0
+@dataclass
+class UnitResult:
+    qparams: dict[str, QParams]
+    stats: UnitStats
+    outputs: torch.Tensor | None  # the unit's outputs with the kept parameters (keep_outputs=True)
+
+
+def _full_pass(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    target: Callable[[slice], torch.Tensor],
+    bs: int,
+    keep_outputs: bool = False,
+) -> tuple[float, torch.Tensor | None]:
+    """MSE against the targets over all samples; optionally the outputs too (stored like x)."""
+    total, count, outs = 0.0, 0, []
     with torch.no_grad():
         for i in range(0, x.shape[0], bs):
             sl = slice(i, i + bs)
             out = run(x[sl])
             total += F.mse_loss(out.float(), target(sl).float(), reduction="sum").item()
             count += out.numel()
-    return total / max(count, 1)
+            if keep_outputs:
+                outs.append(out.to(x.device, torch.float32))
+    return total / max(count, 1), (torch.cat(outs) if keep_outputs else None)
+
+
+class _Importance:
+    """Per input channel sum of x^2 of each wrapped layer's inputs, while hooked."""
+
+    def __init__(self, wrappers: dict[str, TunableLayer]):
+        self.acc: dict[str, torch.Tensor] = {}
+        self.handles = [w.register_forward_pre_hook(self._hook(rel)) for rel, w in wrappers.items()]
+
+    def _hook(self, rel: str):
+        def hook(_m, args):
+            a = args[0].detach().float()
+            s = (a * a).reshape(-1, a.shape[-1]).sum(0)
+            self.acc[rel] = self.acc[rel] + s if rel in self.acc else s
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return self.acc
+
+
+InitFn = Callable[[dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
 def tune_unit(
@@ -155,20 +195,23 @@ def tune_unit(
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     cfg: TuneConfig,
     device: torch.device,
-    init_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    init: InitFn | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[dict[str, QParams], UnitStats]:
+    keep_outputs: bool = False,
+) -> UnitResult:
     """Tune the layers of ``unit`` and bake them; returns their QParams and loss statistics.
 
     ``layers`` maps a name relative to ``unit`` ("" when the unit is the layer itself) to
     (module, spec). ``target(idx_or_slice, x_batch)`` gives the fp outputs for those samples;
-    ``run(unit, x)`` computes the unit's output.
+    ``run(unit, x)`` computes the unit's output. ``init(importance)`` returns starting
+    (min_scale, max_scale) per layer from the per-channel input importance, which is collected
+    during the plain-RTN pass (inputs of later layers thus see earlier layers quantized).
+    With ``keep_outputs`` the unit's outputs for the kept parameters come back too (the next
+    unit's quantized-chain inputs), saving a forward pass.
     """
-    init_scales = init_scales or {}
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
-        mn, mx = init_scales.get(rel, (None, None))
-        wrappers[rel] = TunableLayer(mod, spec, mn, mx, cfg.enable_minmax_tuning, cfg.enable_torch_compile and cfg.iters > 0)
+        wrappers[rel] = TunableLayer(mod, spec, None, None, cfg.enable_minmax_tuning, cfg.enable_torch_compile and cfg.iters > 0)
     holder = unit
     if "" in wrappers:  # the unit is a single layer: tune the wrapper itself
         unit = wrappers[""]
@@ -185,16 +228,20 @@ def tune_unit(
         n = x_q.shape[0]
         bs = min(cfg.batch_size, n)
         full_target = lambda sl: target(sl, x_q[sl].to(device))  # noqa: E731
-        start_state = {k: w.state() for k, w in wrappers.items()}
-        for w in wrappers.values():  # plain RTN: no offsets, full range
-            w.load([torch.zeros_like(w.v), torch.ones_like(w.min_scale), torch.ones_like(w.max_scale)])
-        loss_rtn = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs)
-        if init_scales:
-            for k, w in wrappers.items():
-                w.load(start_state[k])
-            loss_start = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs)
+        run_unit = lambda xb: run(unit, xb.to(device))  # noqa: E731
+
+        imp = _Importance(wrappers) if init is not None else None
+        try:  # plain RTN (the wrappers start with no offsets and full range)
+            loss_rtn, out_rtn = _full_pass(run_unit, x_q, full_target, bs, keep_outputs and init is None)
+        finally:
+            importance = imp.close() if imp is not None else {}
+        if init is not None:
+            for rel, (mn, mx) in init(importance).items():
+                wrappers[rel].load([torch.zeros_like(wrappers[rel].v), mn, mx])
+            loss_start, out_start = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
         else:
-            loss_start = loss_rtn
+            loss_start, out_start = loss_rtn, out_rtn
+        start_state = {k: w.state() for k, w in wrappers.items()}
 
         lr, mlr = cfg.lr_value, cfg.minmax_lr_value
         best = math.inf
@@ -239,17 +286,19 @@ def tune_unit(
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
             best_state = {k: w.state() for k, w in wrappers.items()}
-        for k, w in wrappers.items():
-            w.load(best_state[k])
-        loss_final = _full_loss(lambda xb: run(unit, xb.to(device)), x_q, full_target, bs) if iters_run else loss_start
-        if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
+        loss_final, outputs = loss_start, out_start
+        if iters_run:
             for k, w in wrappers.items():
-                w.load(start_state[k])
-            loss_final = loss_start
+                w.load(best_state[k])
+            loss_final, outputs = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+            if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
+                for k, w in wrappers.items():
+                    w.load(start_state[k])
+                loss_final, outputs = loss_start, out_start
         qparams = {rel: w.bake() for rel, w in wrappers.items()}
     finally:
         if "" not in wrappers:
             for rel, wr in wrappers.items():
                 set_module(holder, rel, wr.orig)
     stats = UnitStats(loss_rtn, loss_start, loss_final, loss_iter0, best, best_iter, iters_run)
-    return qparams, stats
+    return UnitResult(qparams, stats, outputs)

@@ -1,0 +1,88 @@
+"""Give freed memory back: between blocks, the allocator otherwise keeps (and fragments) the
+fp32 copies, activations and optimizer state of every block tuned so far, and peak RSS grows
+block after block."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import sys
+
+import torch
+
+_LIBC: list = []
+
+
+def _malloc_trim() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6"))
+        except OSError:  # musl or another libc without malloc_trim
+            _LIBC.append(None)
+    libc = _LIBC[0]
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def release_memory() -> None:
+    """Collect garbage, empty the CUDA cache and return free heap pages to the OS (glibc)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of regular files (Linux /proc/self/maps)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/") and not parts[5].rstrip().endswith("(deleted)"):
+                lo, hi = parts[0].split("-")
+                spans.append((int(lo, 16), int(hi, 16)))
+    return spans
+
+
+def drop_file_pages(old: list[torch.Tensor], still_used: set[int]) -> int:
+    """Let the kernel drop the resident pages of replaced weights that live in a memory-mapped
+    checkpoint (transformers maps safetensors files): otherwise every tuned block keeps both
+    its new weights and its old file pages resident, and RSS grows by the model's size.
+
+    Only whole pages inside a storage that no live tensor uses (``still_used``: data pointers)
+    are dropped; should anything read them again, they are faulted back in from the file.
+    Returns the bytes advised.
+    """
+    if not sys.platform.startswith("linux") or not old:
+        return 0
+    if not _LIBC:
+        _malloc_trim()
+    libc = _LIBC[0]
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
+    try:
+        spans = _file_mappings()
+    except OSError:
+        return 0
+    page = 4096
+    done = 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for t in old:
+        if t.device.type != "cpu":
+            continue
+        st = t.untyped_storage()
+        ptr, n = st.data_ptr(), st.nbytes()
+        if ptr in still_used or n < page:
+            continue
+        if not any(lo <= ptr and ptr + n <= hi for lo, hi in spans):
+            continue  # heap memory: freeing it is the allocator's job
+        start = -(-ptr // page) * page
+        end = (ptr + n) // page * page
+        if end > start and libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
+            done += end - start
+    return done
