@@ -1,4 +1,9 @@
-"""Command line: ``signround --model PATH --scheme W4A16 ... --format auto_round --output_dir OUT``."""
+"""Command line.
+
+    signround --model PATH --scheme W4A16 ... --format auto_round --output_dir OUT [--tasks ...]
+    signround eval --model DIR --tasks ppl:wiki.txt,my_task [--limit N]
+    signround list formats|schemes
+"""
 
 from __future__ import annotations
 
@@ -54,7 +59,45 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    _add_eval_args(p, required=False)
     return p
+
+
+def _add_eval_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("evaluation" + ("" if required else " (after quantizing, of the saved model)"))
+    g.add_argument("--tasks", required=required, default=None,
+                   help="comma-separated: ppl:PATH (perplexity of a local text file) and/or lm-eval task names")
+    g.add_argument("--eval_bs", type=int, default=4, help="evaluation batch size")
+    g.add_argument("--limit", type=int, default=None,
+                   help="perplexity windows per file / examples per lm-eval task (default: all)")
+    g.add_argument("--eval_seqlen", type=int, default=512, help="perplexity window length in tokens")
+    g.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
+    g.add_argument("--eval_backend", default="dequant_once", help="QuantLinear backend for evaluation")
+    g.add_argument("--eval_json", default=None,
+                   help="where to save results (default: eval_results.json in the output directory, or ./)")
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="signround eval", description="Evaluate an fp or quantized model directory.")
+    p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    _add_eval_args(p, required=True)
+    return p
+
+
+def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks=None) -> int:
+    from .eval import evaluate, load_for_eval, parse_tasks, results_table, save_results
+
+    tasks = tasks or parse_tasks(args.tasks, args.include_path)
+    model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code)
+    results = evaluate(model, tok, tasks, batch_size=args.eval_bs, limit=args.limit, seqlen=args.eval_seqlen,
+                       include_path=args.include_path)
+    print(results_table(results))
+    out = save_results(results, args.eval_json or default_json, model_dir)
+    logger.info("evaluation results saved to %s", out)
+    return 0
 
 
 def _parse_layer_config(value: str | None) -> dict[str, Any] | None:
@@ -74,9 +117,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     from . import export
     from .api import AutoRound
 
-    # Cheap checks first: nothing is loaded before the output target and the format are known good.
-    export.get_exporters(args.format)
+    # Cheap checks first: nothing is loaded before the output target, format and tasks are known good.
+    exporters = export.get_exporters(args.format)
     export.check_output_dir(args.output_dir)
+    tasks = None
+    if args.tasks:
+        from .eval import parse_tasks
+
+        tasks = parse_tasks(args.tasks, args.include_path)
     ar = AutoRound(
         args.model,
         scheme=args.scheme,
@@ -108,7 +156,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
     )
-    ar.quantize_and_save(args.output_dir, format=args.format)
+    _, out = ar.quantize_and_save(args.output_dir, format=args.format)
+    if tasks:
+        del ar  # free the tuning state before loading the saved model
+        model_dir = out if len(exporters) == 1 else out / exporters[0].name
+        args.device = None
+        return run_eval(args, str(model_dir), out / "eval_results.json", tasks)
     return 0
 
 
@@ -135,13 +188,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "list":
         return run_list(argv[1:])
-    args = build_parser(prog, recipe).parse_args(argv)
+    evaluating = bool(argv) and argv[0] == "eval"
+    args = build_eval_parser().parse_args(argv[1:]) if evaluating else build_parser(prog, recipe).parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
+        if evaluating:
+            return run_eval(args, args.model, Path("eval_results.json"))
         return run_quantize(args)
     except SignRoundError as e:
         print(f"signround: error: {e}", file=sys.stderr)

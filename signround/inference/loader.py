@@ -39,6 +39,9 @@ def _gptq_dynamic(dynamic: dict[str, dict], name: str) -> dict | None:
     return None
 
 
+QUANT_METHODS = ("auto-round", "auto_round", "gptq", "awq")
+
+
 def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
     """(packing, default spec) of a quantization_config from signround, upstream auto-round, GPTQ or AWQ."""
     method = str(qc.get("quant_method", "")).replace("_", "-").lower()

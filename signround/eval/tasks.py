@@ -1,0 +1,150 @@
+"""Evaluation tasks from one spec string: ``ppl:wiki.txt,ppl:shakes.txt,my_local_task``.
+
+``ppl:PATH`` is the built-in perplexity task on a local text file (fixed, non-overlapping windows);
+any other name is an lm-eval task, run through lm-eval's HF model wrapper around the model we
+loaded (lm-eval is the optional ``eval`` extra; ``include_path`` adds local task definitions).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .perplexity import perplexity, read_text
+
+logger = logging.getLogger(__name__)
+
+LM_EVAL_HINT = "lm-eval tasks need the eval extra: pip install 'signround[eval]' (or use ppl:FILE tasks)"
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # "ppl" | "lm_eval"
+    name: str  # the label in results
+    path: Path | None = None
+
+
+def parse_tasks(spec: str | list[str], include_path: str | None = None) -> list[Task]:
+    """Parse and check a task list before any model is loaded (missing files, missing lm-eval)."""
+    items = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    items = [t for t in items if t]
+    if not items:
+        raise ConfigError("--tasks is empty; give e.g. ppl:wikitext2_test.txt or an lm-eval task name")
+    tasks = []
+    for item in items:
+        if item.startswith("ppl:"):
+            path = Path(item[4:]).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"perplexity task {item!r}: no file {path}; give ppl:PATH to a local text file")
+            tasks.append(Task("ppl", f"ppl:{path.name}", path))
+        else:
+            tasks.append(Task("lm_eval", item))
+    if any(t.kind == "lm_eval" for t in tasks):
+        if importlib.util.find_spec("lm_eval") is None:
+            names = ", ".join(t.name for t in tasks if t.kind == "lm_eval")
+            raise ConfigError(f"{names}: {LM_EVAL_HINT}")
+        if include_path and not Path(include_path).exists():
+            raise ConfigError(f"--include_path {include_path} does not exist; point it at a folder of lm-eval task YAMLs")
+    return tasks
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[Task],
+    batch_size: int = 4,
+    limit: int | None = None,
+    seqlen: int = 512,
+    include_path: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the tasks; returns ``{task: {metric: value, ...}}``.
+
+    ``limit``: perplexity windows per file, or examples per lm-eval task (None: all).
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        if t.kind == "ppl":
+            r = perplexity(model, tokenizer, read_text(t.path), seqlen=seqlen, n_windows=limit, batch_size=batch_size)
+            results[t.name] = r
+            logger.info("%s: perplexity %.4f over %d tokens (%d windows of %d)", t.name, r["ppl"], r["tokens"],
+                        r["windows"], r["seqlen"])
+    lm_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
+    if lm_tasks:
+        results.update(_run_lm_eval(model, tokenizer, lm_tasks, batch_size, limit, include_path))
+    return results
+
+
+def _run_lm_eval(model, tokenizer, names, batch_size, limit, include_path) -> dict[str, dict[str, Any]]:
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ConfigError(f"{LM_EVAL_HINT} ({e})") from e
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}; define them in a YAML under --include_path")
+    out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False)
+    results: dict[str, dict[str, Any]] = {}
+    for task, metrics in out["results"].items():
+        clean = {}
+        for k, v in metrics.items():
+            if k in ("alias", "sample_len") or not isinstance(v, (int, float)):
+                continue
+            clean[k.replace(",none", "")] = v
+        n = out.get("n-samples", {}).get(task, {})
+        if n:
+            clean["samples"] = n.get("effective", n.get("original"))
+        results[task] = clean
+    return results
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per task and metric."""
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            val = f"{v:.4f}" if isinstance(v, float) else str(v)
+            lines.append(f"| {task} | {k} | {val} |")
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, dict[str, Any]], path: str | Path, model_path: str) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"model": str(model_path), "results": results}, indent=2) + "\n")
+    return p
+
+
+def load_for_eval(
+    path: str, device: str | None = None, backend: str = "dequant_once", trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
+    """Any local model directory: quantized ones (auto-round, GPTQ, AWQ) through ``load_quantized``,
+    others (fp, or our ``fake`` format) through transformers. Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..inference.loader import QUANT_METHODS, load_quantized
+    from ..model.loading import check_model_path, load_model_and_tokenizer
+
+    p = check_model_path(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") in QUANT_METHODS:
+        model = load_quantized(str(p), device=device, backend=backend)
+        tokenizer = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer, _ = load_model_and_tokenizer(str(p), dtype="auto", trust_remote_code=trust_remote_code)
+        model = model.to(device)
+    if tokenizer is None:
+        raise ConfigError(f"{p} has no tokenizer files; evaluation needs the tokenizer saved with the model")
+    return model, tokenizer
