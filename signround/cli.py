@@ -72,7 +72,7 @@ def _add_eval_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="perplexity windows per file / examples per lm-eval task (default: all)")
     g.add_argument("--eval_seqlen", type=int, default=512, help="perplexity window length in tokens")
     g.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
-    g.add_argument("--eval_backend", default="dequant_once", help="QuantLinear backend for evaluation")
+    g.add_argument("--eval_backend", default="auto", help="QuantLinear backend: auto, packed, torch, dequant_once, int4_cpu, int8_cpu")
     g.add_argument("--eval_json", default=None,
                    help="where to save results (default: eval_results.json in the output directory, or ./)")
 

@@ -126,7 +126,7 @@ def save_results(results: dict[str, dict[str, Any]], path: str | Path, model_pat
 
 
 def load_for_eval(
-    path: str, device: str | None = None, backend: str = "dequant_once", trust_remote_code: bool = False
+    path: str, device: str | None = None, backend: str = "auto", trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
     """Any local model directory: quantized ones (auto-round, GPTQ, AWQ) through ``load_quantized``,
     others (fp, or our ``fake`` format) through transformers. Returns (model, tokenizer)."""

@@ -18,6 +18,8 @@ from ..export.packing import PACKINGS
 from ..model.layers import QUANTIZABLE_TYPES, in_out_features, set_module
 from ..model.loading import check_model_path
 from ..schemes import QuantSpec
+from .backends import BACKENDS
+from .backends import assign as assign_backends
 from .qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -94,22 +96,21 @@ def _read_config(path: Path) -> dict[str, Any]:
     return qc
 
 
-BACKENDS = ("torch", "dequant_once")
 
 
 def load_quantized(
-    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "torch"
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"
 ) -> nn.Module:
     """Load a quantized checkpoint (auto_round from signround or upstream, GPTQ, AWQ) from a local directory.
 
     Needs no network and no upstream package; GPTQ/AWQ layers are converted to our QuantLinear.
 
     Quantized layers become :class:`QuantLinear` modules holding the packed tensors. ``backend``:
-    ``torch`` unpacks on every call (packed weights stay resident), ``dequant_once`` unpacks at the
-    first call and keeps float weights (fastest on CPU, fp-sized memory).
+    ``auto`` picks per layer the best backend for the device (see ``signround.inference.backends``),
+    ``packed`` the best one that keeps weights packed (memory-saving), or a backend by name.
     """
-    if backend not in BACKENDS:
-        raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ("auto", "packed", *BACKENDS):
+        raise ModelError(f"unknown backend {backend!r}; choose auto, packed or one of {', '.join(BACKENDS)}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -156,9 +157,11 @@ def load_quantized(
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:
         raise ModelError(f"{p} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = backend
-    logger.info("loaded %d quantized layers from %s (%s, backend %s)", len(specs), p, packing, backend)
     model.config.quantization_config = qc
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    try:
+        assign_backends(model, device, backend)
+    except ValueError as e:
+        raise ModelError(str(e)) from e
+    logger.info("loaded %d quantized layers from %s (%s)", len(specs), p, packing)
+    return model

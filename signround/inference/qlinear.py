@@ -1,21 +1,23 @@
 """QuantLinear: holds packed int weights and computes ``x @ W^T + b`` from them.
 
-This is the reference torch path: it unpacks and dequantizes on every call. It supports every
-packing signround writes (GPTQ layout with zero offset 0 or -1, AWQ layout) and any group size,
-including a short last group.
+It supports every packing signround writes (GPTQ layout with zero offset 0 or -1, AWQ layout) and
+any group size, including a short last group; how it computes is its backend's job (backends.py:
+the reference "torch" backend unpacks and dequantizes on every call).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..export.packing import PACKINGS
 from ..export.packing import packed_len, unpack_awq, unpack_cols, unpack_rows
 from ..qdq.common import effective_group_size
+
+logger = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Module):
@@ -52,10 +54,19 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
-        # "torch": unpack on every call (packed weights stay the only copy);
-        # "dequant_once": unpack at the first call and keep the float weight (fast, fp-sized memory).
+        # the compute backend (see backends.py) and its prepared state for one (device, dtype)
         self.backend = "torch"
-        self._w_cache: torch.Tensor | None = None
+        self._impl = None
+        self._state: dict = {}
+        self._state_key: tuple | None = None
+
+    def set_backend(self, backend) -> None:
+        """Use this backend (a name or a backends.Backend); prepared state is rebuilt lazily."""
+        from .backends import BACKENDS
+
+        self._impl = BACKENDS[backend] if isinstance(backend, str) else backend
+        self.backend = self._impl.name
+        self._state, self._state_key = {}, None
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes ``[in, out]`` and zero points ``[n_groups, out]``."""
@@ -76,13 +87,18 @@ class QuantLinear(nn.Module):
         return w.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "dequant_once":
-            if self._w_cache is None or self._w_cache.dtype != x.dtype or self._w_cache.device != x.device:
-                self._w_cache = self.dequantize_weight().to(x.dtype)
-            w = self._w_cache
-        else:
-            w = self.dequantize_weight().to(x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        from .backends import BACKENDS, choose
+
+        impl = self._impl or BACKENDS[self.backend]
+        if x.device.type not in impl.devices:  # moved to a device this backend does not run on
+            new = choose(self, x.device)
+            logger.info("%s runs on %s only; using %s on %s", impl.name, "/".join(impl.devices), new.name, x.device.type)
+            self.set_backend(new)
+            impl = new
+        key = (x.device, x.dtype)
+        if self._state_key != key:
+            self._state, self._state_key = impl.prepare(self, x.device, x.dtype), key
+        return impl.compute(self, self._state, x)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,86 @@
+"""Every QuantLinear backend computes what dequantize-then-matmul computes, and the choice is right."""
+
+import pytest
+import torch
+
+from signround.export.packing import PACKINGS, pack_layer
+from signround.inference.backends import BACKENDS, assign, candidates, choose
+from signround.inference.qlinear import QuantLinear
+from signround.qdq import qdq
+from signround.schemes import QuantSpec
+
+
+def make_layer(bits, gs, sym, packing, out_f, in_f, bias=False, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(out_f, in_f)
+    dq, qp = qdq(w, QuantSpec(bits=bits, group_size=gs, sym=sym))
+    ql = QuantLinear(in_f, out_f, bits, gs, packing, bias=bias, dtype=torch.float32)
+    for k, t in pack_layer(qp, packing).items():
+        setattr(ql, k, t)
+    if bias:
+        ql.bias = torch.randn(out_f)
+    return ql, dq
+
+
+CASES = [  # (bits, group_size, sym, packing, out, in)
+    *[(b, 32, s, "auto_round", 24, 172) for b in (2, 3, 4, 8) for s in (True, False)],  # short last group
+    *[(b, 64, True, "auto_round:auto_gptq", 32, 256) for b in (2, 3, 4, 8)],
+    (4, 64, False, "auto_round:auto_awq", 32, 256),
+    (4, 32, True, "auto_round", 48, 128),
+    (4, 128, False, "auto_round", 64, 256),
+    (8, -1, True, "auto_round", 40, 96),  # per channel
+    (8, -1, False, "auto_round", 40, 96),
+]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}G{}{}-{}-{}x{}".format(c[0], c[1], "" if c[2] else "A", *c[3:]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_matches_dequantize_then_matmul(backend, case, dtype):
+    bits, gs, sym, packing, out_f, in_f = case
+    ql, dq = make_layer(bits, gs, sym, packing, out_f, in_f, bias=True)
+    b = BACKENDS[backend]
+    if b not in candidates(ql, "cpu"):
+        pytest.skip(f"{backend} does not hold this layer")
+    ql.set_backend(b)
+    x = torch.randn(2, 5, in_f)
+    ref = x.double() @ dq.double().t() + ql.bias.double()
+    got = ql(x.to(dtype)).double()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol * scale, backend
+
+
+def test_kernel_backends_take_the_layers_they_are_for():
+    if BACKENDS["int4_cpu"].requires() is None:
+        ql, _ = make_layer(4, 64, False, "auto_round", 32, 256)
+        assert BACKENDS["int4_cpu"] in candidates(ql, "cpu")
+        short, _ = make_layer(4, 32, True, "auto_round", 24, 172)  # short last group: not for the kernel
+        assert BACKENDS["int4_cpu"] not in candidates(short, "cpu")
+    if BACKENDS["int8_cpu"].requires() is None:
+        per_channel, _ = make_layer(8, -1, True, "auto_round", 40, 96)
+        assert BACKENDS["int8_cpu"] in candidates(per_channel, "cpu")
+        grouped, _ = make_layer(8, 32, True, "auto_round", 40, 96)
+        assert BACKENDS["int8_cpu"] not in candidates(grouped, "cpu")
+
+
+def test_choice_auto_packed_and_forced():
+    ql, _ = make_layer(3, 32, True, "auto_round", 24, 172)
+    assert choose(ql, "cpu").name == "dequant_once"
+    assert BACKENDS[choose(ql, "cpu", "packed").name].memory == "packed"
+    with pytest.raises(ValueError, match="unknown backend"):
+        choose(ql, "cpu", "nope")
+    with pytest.raises(ValueError, match="int4_cpu"):
+        choose(ql, "cpu", "int4_cpu")  # 3-bit
+
+
+def test_assign_counts_and_state_follows_dtype():
+    model = torch.nn.Sequential(make_layer(4, 64, True, "auto_round", 32, 256)[0],
+                                make_layer(2, 32, False, "auto_round", 256, 32)[0])
+    counts = assign(model, "cpu", "packed")
+    assert sum(counts.values()) == 2
+    x = torch.randn(3, 256)
+    y32 = model(x)
+    y16 = model(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).abs().max() <= 2e-2 * y32.abs().max()  # bf16 rounding, not a wrong weight
