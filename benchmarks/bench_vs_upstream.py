@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_vs_upstream.py --runs ours:W4G64:50,upstream:W4G64:50,ours:W2G64:50,upstream:W2G64:50
 
-Each run is a separate process (wall time and peak RSS of the whole process, sampled with psutil);
+Each run is a separate process (wall time; peak RSS = the process's VmHWM plus its children's RSS, sampled);
 runs are executed in the order given, so list them alternating between tools. Both tools get the same
 calibration texts (``--nsamples`` texts from signround's built-in corpus, each at least ``--seqlen``
 tokens long, so both keep all of them) and the same settings. Every output (auto_round format) is
@@ -80,8 +80,24 @@ def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:
     return out
 
 
+def _hwm(pid: int) -> int:
+    """VmHWM (peak RSS so far) of one process, in bytes; 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure(cmd: list[str], log: Path) -> dict:
-    """Run a command; return wall seconds and peak RSS of its whole process tree."""
+    """Run a command; return wall seconds and peak RSS of its whole process tree.
+
+    Every 0.2 s: the process's VmHWM (its own high-water mark, so short spikes between samples
+    are still counted) plus the current RSS of any child processes (compile workers and the like).
+    """
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -89,8 +105,8 @@ def measure(cmd: list[str], log: Path) -> dict:
         peak = 0
         while proc.poll() is None:
             try:
-                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-                peak = max(peak, rss)
+                main = _hwm(proc.pid) or ps.memory_info().rss
+                peak = max(peak, main + sum(c.memory_info().rss for c in ps.children(recursive=True)))
             except psutil.Error:
                 pass
             time.sleep(0.2)

@@ -15,6 +15,19 @@ from .plan import QuantPlan
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process.
+
+    On Linux this is VmHWM, the high-water mark of this address space: ru_maxrss also counts the
+    address space of the parent a process was spawned from (exec records the pre-exec image's
+    peak), so a CLI started from a big process would report that process's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
