@@ -113,6 +113,20 @@ class TunableLayer(nn.Module):
             for p, s in zip((self.v, self.min_scale, self.max_scale), state):
                 p.copy_(s)
 
+    def save_into(self, state: list[torch.Tensor]) -> None:
+        """Copy the parameters into an existing state (no allocation in the tuning loop)."""
+        with torch.no_grad():
+            for p, s in zip((self.v, self.min_scale, self.max_scale), state):
+                s.copy_(p)
+
+    @torch.no_grad()
+    def signed_step(self, lr: float, minmax_lr: float) -> None:
+        """p -= lr * sign(grad), in place on the gradient buffers; clear the gradients."""
+        for p, step, lo in ((self.v, lr, -0.5), (self.min_scale, minmax_lr, 0.0), (self.max_scale, minmax_lr, 0.0)):
+            if p.grad is not None:
+                p.add_(p.grad.sign_(), alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
+                p.grad = None
+
     @torch.no_grad()
     def bake(self) -> QParams:
         """Write the qdq weight into the wrapped module and return its QParams."""
@@ -245,7 +259,7 @@ def tune_unit(
 
         lr, mlr = cfg.lr_value, cfg.minmax_lr_value
         best = math.inf
-        best_state = start_state
+        best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
         loss_iter0 = math.nan
         perm = torch.randperm(n, generator=generator)
@@ -272,17 +286,11 @@ def tune_unit(
             if total < best:
                 best, best_iter = total, it
                 if not cfg.not_use_best_mse:
-                    best_state = {k: w.state() for k, w in wrappers.items()}
+                    for k, w in wrappers.items():
+                        w.save_into(best_state[k])
             decay = 1.0 - it / cfg.iters
-            with torch.no_grad():
-                for wr in wrappers.values():
-                    if wr.v.grad is not None:
-                        wr.v.sub_(lr * decay * wr.v.grad.sign()).clamp_(-0.5, 0.5)
-                        wr.v.grad = None
-                    for s in (wr.min_scale, wr.max_scale):
-                        if s.grad is not None:
-                            s.sub_(mlr * decay * s.grad.sign()).clamp_(0.0, 1.0)
-                            s.grad = None
+            for wr in wrappers.values():
+                wr.signed_step(lr * decay, mlr * decay)
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
             best_state = {k: w.state() for k, w in wrappers.items()}
