@@ -44,6 +44,11 @@ class AutoRound:
         bits: int | None = None,
         group_size: int | None = None,
         sym: bool | None = None,
+        data_type: str | None = None,
+        act_bits: int | None = None,
+        act_data_type: str | None = None,
+        act_group_size: int | None = None,
+        act_dynamic: bool | None = None,
         layer_config: Mapping[str, Any] | None = None,
         ignore_layers: str | Iterable[str] | None = None,
         quant_lm_head: bool = False,
@@ -70,7 +75,10 @@ class AutoRound:
         seed: int = 42,
     ):
         self.start_time = time.time()
-        self.spec = resolve_scheme(scheme, bits, group_size, sym)
+        self.spec = resolve_scheme(
+            scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
+            act_group_size=act_group_size, act_dynamic=act_dynamic,
+        )
         self.cfg: TuneConfig = tune_config(
             recipe, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
             gradient_accumulate_steps=gradient_accumulate_steps, nsamples=nsamples, seqlen=seqlen,
@@ -120,7 +128,8 @@ class AutoRound:
     def layer_config(self) -> dict[str, dict[str, Any]]:
         """The resolved spec of every candidate layer, as plain dicts."""
         return {
-            n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "data_type": s.data_type}
+            n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "data_type": s.data_type,
+                "act_bits": s.act_bits}
             for n, s in self.plan.specs.items()
         }
 
@@ -128,7 +137,7 @@ class AutoRound:
         """Quantize in place; returns ``(model, layer_config)`` like upstream."""
         if self.result is not None:
             return self.model, self.layer_config
-        if self.cfg.needs_data:
+        if self.cfg.needs_data or self.plan.needs_act_range:
             ids = self.calibration_ids()
             device = _compute_device(self.model, self.device_map)
             logger.info(

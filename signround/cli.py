@@ -19,15 +19,30 @@ from .errors import ConfigError, SignRoundError
 logger = logging.getLogger("signround")
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Quantize a Hugging Face causal LM with SignRound.")
     p.add_argument("--recipe", default=recipe, choices=["best", "default", "light"],
                    help="best: 1000 iters, 512 samples; default: 200 iters; light: 50 iters, lr 5e-3")
     p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
-    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16")
+    p.add_argument("--scheme", default="W4A16",
+                   help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "
+                        "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC")
     p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
     p.add_argument("--group_size", type=int, default=None, help="override the group size (-1: per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero point)")
+    p.add_argument("--data_type", default=None, help="weight data type: int, mx_fp, nv_fp, fp")
+    p.add_argument("--act_bits", type=int, default=None, help="activation bits (16: weights only)")
+    p.add_argument("--act_data_type", default=None, help="activation data type: mx_fp, nv_fp, fp")
+    p.add_argument("--act_group_size", type=int, default=None, help="activation group size (0: per tensor)")
+    p.add_argument("--act_dynamic", default=None, type=_bool, help="activation scales per call (True) or static")
     p.add_argument("--layer_config", default=None,
                    help='JSON (or a path to a JSON file): {"name|regex|substring": "W8A16" or {"bits": 8}}')
     p.add_argument("--ignore_layers", default=None, help="comma-separated names/patterns kept in full precision")
@@ -131,6 +146,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits,
         group_size=args.group_size,
         sym=False if args.asym else None,
+        data_type=args.data_type,
+        act_bits=args.act_bits,
+        act_data_type=args.act_data_type,
+        act_group_size=args.act_group_size,
+        act_dynamic=args.act_dynamic,
         layer_config=_parse_layer_config(args.layer_config),
         ignore_layers=args.ignore_layers,
         quant_lm_head=args.quant_lm_head,

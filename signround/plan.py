@@ -38,6 +38,11 @@ class QuantPlan:
     def quantized(self) -> dict[str, QuantSpec]:
         return {n: s for n, s in self.specs.items() if s.quantized}
 
+    @property
+    def needs_act_range(self) -> bool:
+        """Some layer quantizes activations with a range measured on calibration data."""
+        return any(s.quantized and s.needs_act_range for s in self.specs.values())
+
     def layers_of(self, block: str) -> list[str]:
         return [n for n in self.block_layers.get(block, []) if self.specs[n].quantized]
 

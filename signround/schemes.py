@@ -16,6 +16,20 @@ from .errors import ConfigError
 FP_BITS = 16  # bits >= 16 means "keep this layer in floating point"
 INT_BITS = (2, 3, 4, 8)
 
+# Floating-point data types: the bits and group sizes each one is defined for (-1: per output
+# channel, 0: per tensor), and the preset to suggest.
+FP_TYPES: dict[str, dict[str, Any]] = {
+    "mx_fp": {"bits": (4, 8), "group_size": (32,), "hint": "MXFP4 / MXFP8 (group 32)"},
+    "nv_fp": {"bits": (4,), "group_size": (16,), "hint": "NVFP4 (group 16)"},
+    "fp": {"bits": (8,), "group_size": (-1, 0), "hint": "FPW8A16 (per channel, -1) or per tensor (0)"},
+}
+# Activation data types: bits and group sizes (0: per tensor, -1: per token).
+ACT_TYPES: dict[str, dict[str, Any]] = {
+    "mx_fp": {"bits": (4, 8), "group_size": (32,)},
+    "nv_fp": {"bits": (4,), "group_size": (16,)},
+    "fp": {"bits": (8,), "group_size": (0, -1)},
+}
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -31,6 +45,19 @@ class QuantSpec:
     sym: bool = True
     data_type: str = "int"
     act_bits: int = 16
+    act_data_type: str = "fp"
+    act_group_size: int = 0
+    act_dynamic: bool = True
+
+    @property
+    def act_quantized(self) -> bool:
+        return self.act_bits < FP_BITS
+
+    @property
+    def needs_act_range(self) -> bool:
+        """Activation quantization needs a range measured on calibration data: static FP8 scales,
+        and NVFP4's per-tensor global scale."""
+        return self.act_quantized and (not self.act_dynamic or self.act_data_type == "nv_fp")
 
     @property
     def quantized(self) -> bool:
@@ -50,9 +77,12 @@ class QuantSpec:
             raise ConfigError(f"{where}: bits must be an integer, got {self.bits!r}")
         if not self.quantized:
             return self
+        if self.data_type in FP_TYPES:
+            return self._validate_fp(where)
         if self.data_type != "int":
             raise ConfigError(
-                f"{where}: data_type {self.data_type!r} is not supported; use 'int'"
+                f"{where}: data_type {self.data_type!r} is not supported; use one of "
+                f"{['int', *FP_TYPES]}"
             )
         if self.bits not in INT_BITS:
             raise ConfigError(
@@ -65,16 +95,45 @@ class QuantSpec:
                 f"{where}: group_size must be a positive integer or -1 (one group per output "
                 f"channel), got {gs!r}"
             )
-        if self.act_bits < FP_BITS:
+        if self.act_quantized:
             raise ConfigError(
                 f"{where}: activation quantization (act_bits={self.act_bits}) is not supported for "
-                "integer weight schemes; use act_bits=16"
+                "integer weight schemes; use act_bits=16, or an FP scheme such as FP8_STATIC / MXFP4 / NVFP4"
             )
+        return self
+
+    def _validate_fp(self, where: str) -> "QuantSpec":
+        allowed = FP_TYPES[self.data_type]
+        if self.bits not in allowed["bits"] or self.group_size not in allowed["group_size"]:
+            raise ConfigError(
+                f"{where}: data_type {self.data_type!r} holds bits {list(allowed['bits'])} with group_size "
+                f"{list(allowed['group_size'])}, got bits={self.bits}, group_size={self.group_size}; "
+                f"use {allowed['hint']}"
+            )
+        if not self.sym:
+            raise ConfigError(f"{where}: floating-point data types are symmetric; drop --asym / sym=False")
+        if self.act_quantized:
+            act = ACT_TYPES.get(self.act_data_type)
+            if act is None:
+                raise ConfigError(
+                    f"{where}: act_data_type {self.act_data_type!r} is not supported; use one of {list(ACT_TYPES)}"
+                )
+            if self.act_bits not in act["bits"] or self.act_group_size not in act["group_size"]:
+                raise ConfigError(
+                    f"{where}: act_data_type {self.act_data_type!r} holds act_bits {list(act['bits'])} with "
+                    f"act_group_size {list(act['group_size'])}, got act_bits={self.act_bits}, "
+                    f"act_group_size={self.act_group_size}"
+                )
+            if not self.act_dynamic and self.act_data_type == "mx_fp":
+                raise ConfigError(f"{where}: MX activations are quantized dynamically; set act_dynamic=True")
         return self
 
     def label(self) -> str:
         if not self.quantized:
             return "fp16"
+        if self.data_type != "int":
+            act = f" A{self.act_bits} {self.act_data_type}" if self.act_quantized else ""
+            return f"{self.data_type}{self.bits} G{self.group_size}{act}"
         kind = "sym" if self.sym else "asym"
         return f"W{self.bits}G{self.group_size} {kind}"
 
@@ -90,6 +149,15 @@ PRESETS: dict[str, QuantSpec] = {
     "W3A16": _w(3),
     "W4A16": _w(4),
     "W8A16": _w(8),
+    # floating-point schemes, with upstream AutoRound's names and activation settings
+    "MXFP4": QuantSpec(4, 32, True, "mx_fp", act_bits=4, act_data_type="mx_fp", act_group_size=32),
+    "MXFP8": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp", act_group_size=32),
+    "NVFP4": QuantSpec(4, 16, True, "nv_fp", act_bits=4, act_data_type="nv_fp", act_group_size=16),
+    "MXFP4A16": QuantSpec(4, 32, True, "mx_fp"),
+    "MXFP8A16": QuantSpec(8, 32, True, "mx_fp"),
+    "NVFP4A16": QuantSpec(4, 16, True, "nv_fp"),
+    "FPW8A16": QuantSpec(8, -1, True, "fp"),
+    "FP8_STATIC": QuantSpec(8, -1, True, "fp", act_bits=8, act_data_type="fp", act_group_size=0, act_dynamic=False),
     "BF16": QuantSpec(bits=16),
     "FP16": QuantSpec(bits=16),
 }
@@ -117,8 +185,10 @@ def resolve_scheme(
     bits: int | None = None,
     group_size: int | None = None,
     sym: bool | None = None,
+    **overrides: Any,
 ) -> QuantSpec:
-    """The global spec: a preset (or dict / QuantSpec) with the user's overrides applied."""
+    """The global spec: a preset (or dict / QuantSpec) with the user's overrides applied
+    (``data_type``, ``act_bits``, ``act_data_type``, ``act_group_size``, ``act_dynamic`` too)."""
     if isinstance(scheme, QuantSpec):
         base = scheme
     elif isinstance(scheme, str):
@@ -127,7 +197,7 @@ def resolve_scheme(
         base = QuantSpec().with_overrides(**dict(scheme))
     else:
         raise ConfigError(f"scheme must be a preset name, a dict or a QuantSpec, got {type(scheme).__name__}")
-    return base.with_overrides(bits=bits, group_size=group_size, sym=sym).validate()
+    return base.with_overrides(bits=bits, group_size=group_size, sym=sym, **overrides).validate()
 
 
 def _spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
@@ -142,7 +212,7 @@ def _spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
             base = preset(value.pop("scheme"))
         else:
             base = default
-        allowed = {"bits", "group_size", "sym", "data_type", "act_bits"}
+        allowed = {"bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_group_size", "act_dynamic"}
         extra = set(value) - allowed
         if extra:
             raise ConfigError(f"{where}: unknown option(s) {sorted(extra)}; allowed: {sorted(allowed | {'scheme'})}")

@@ -16,11 +16,15 @@ from .auto_round import AutoRoundExporter, dir_size
 from .awq import AutoAWQExporter
 from .fake import FakeExporter
 from .gptq import AutoGPTQExporter
+from .llm_compressor import LLMCompressorExporter
 from .writer import AtomicDir, check_output_dir, write_config, write_safetensors, write_tokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {e.name: e for e in (AutoRoundExporter(), AutoGPTQExporter(), AutoAWQExporter(), FakeExporter())}
+FORMATS = {
+    e.name: e
+    for e in (AutoRoundExporter(), AutoGPTQExporter(), AutoAWQExporter(), LLMCompressorExporter(), FakeExporter())
+}
 
 
 def get_exporter(fmt: str):
@@ -73,7 +77,7 @@ def save(
             d = tmp if len(exporters) == 1 else tmp / exporter.name
             d.mkdir(exist_ok=True)
             write_safetensors(d, exporter.tensors(model, plan, qparams), **kwargs)
-            write_config(d, model, exporter.quantization_config(plan, extra_config or {}))
+            write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
             write_tokenizer(d, tokenizer, source_dir)
             for fname, text in (extra_files or {}).items():
                 (d / fname).write_text(text)

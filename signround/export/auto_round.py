@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from torch import nn
 
 from ..plan import QuantPlan
 from ..schemes import QuantSpec
@@ -67,7 +68,7 @@ class AutoRoundExporter(PackedExporter):
     def packing(self, plan: QuantPlan) -> str:
         return choose_packing(plan.specs)
 
-    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         d = plan.default
         cfg: dict[str, Any] = {
             "quant_method": "auto-round",

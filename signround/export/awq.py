@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..errors import ExportError
 from ..model.layers import get_module, in_out_features
 from ..plan import QuantPlan
@@ -39,7 +41,7 @@ class AutoAWQExporter(PackedExporter):
                     f"{name} is {out_f}x{in_f} with group {spec.group_size}; use --format auto_round or auto_gptq"
                 )
 
-    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         inside = {n for names in plan.block_layers.values() for n in names}
         not_converted = [n for n in plan.specs if n in inside and not plan.specs[n].quantized]
         if plan.lm_head:

@@ -27,9 +27,12 @@ class PackedExporter:
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         for name, spec in plan.quantized.items():
             if spec.data_type != "int" or spec.bits not in (2, 3, 4, 8):
-                raise ExportError(f"{self.name} cannot hold {name} ({spec.label()}); use the fake format")
+                raise ExportError(
+                    f"{self.name} holds integer weights only and cannot hold {name} ({spec.label()}); "
+                    "use --format llm_compressor (compressed-tensors, what vLLM loads) or fake"
+                )
 
-    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def extra_layer_tensors(self, qp: QParams) -> dict[str, torch.Tensor]:

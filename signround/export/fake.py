@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import torch
@@ -11,18 +12,25 @@ from ..plan import QuantPlan
 from ..qdq import QParams
 from .writer import unique_state_dict
 
+logger = logging.getLogger(__name__)
+
 
 class FakeExporter:
     name = "fake"
     description = "qdq weights in the original dtype: an ordinary transformers checkpoint (any scheme)"
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
-        return None
+        act = sorted({s.label() for s in plan.quantized.values() if s.act_quantized})
+        if act:
+            logger.warning(
+                "the fake format stores qdq weights only: activation quantization of %s is not in the "
+                "checkpoint (use --format llm_compressor to keep it)", ", ".join(act)
+            )
 
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> None:
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> None:
         return None
 
     def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:

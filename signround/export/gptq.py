@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from torch import nn
 
 import torch
 
@@ -40,7 +41,7 @@ class AutoGPTQExporter(PackedExporter):
         g = effective_group_size(qp.group_size, in_f)
         return {"g_idx": (torch.arange(in_f, dtype=torch.int32) // g)}
 
-    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         d = plan.default
         cfg: dict[str, Any] = {
             "quant_method": "gptq",

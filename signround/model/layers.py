@@ -133,3 +133,26 @@ def tied_lm_head(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return head is not None and emb is not None and head.weight is emb.weight
+
+
+_ACT_HOOK = "_signround_act_quant"
+
+
+def attach_act_quant(module: nn.Module, spec, amax: torch.Tensor | None) -> None:
+    """Fake-quantize the module's input on every call from now on (replacing an earlier hook).
+
+    Weights are baked into the module; activations of W4A4 / W8A8 schemes are not, so the
+    in-memory quantized model keeps this hook to compute what the exported model computes.
+    """
+    from ..qdq.act import qdq_act
+
+    old = getattr(module, _ACT_HOOK, None)
+    if old is not None:
+        old.remove()
+    if not spec.act_quantized:
+        return
+
+    def hook(_m, args):
+        return (qdq_act(args[0], spec, amax), *args[1:])
+
+    setattr(module, _ACT_HOOK, module.register_forward_pre_hook(hook))

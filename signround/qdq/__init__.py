@@ -14,11 +14,13 @@ import torch
 from ..errors import ConfigError
 from ..schemes import QuantSpec
 from .common import QParams, from_groups, n_groups, to_groups
+from .fp import qdq_fp8, qdq_mx, qdq_nv
 from .int import qdq_int
 
 QdqFn = Callable[..., "tuple[torch.Tensor, QParams]"]
 
-QDQ_REGISTRY: dict[str, QdqFn] = {"int": qdq_int}
+# data_type -> qdq function; the names are upstream AutoRound's data_type values
+QDQ_REGISTRY: dict[str, QdqFn] = {"int": qdq_int, "mx_fp": qdq_mx, "nv_fp": qdq_nv, "fp": qdq_fp8}
 
 
 def qdq(

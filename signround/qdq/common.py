@@ -18,9 +18,10 @@ MIN_SCALE_MAGNITUDE = 1e-5  # an all-zero group would otherwise give scale 0 and
 class QParams:
     """Quantization parameters of one weight ``[out, in]``.
 
-    ``scale`` and ``zero`` are ``[out, n_groups]``; ``zero`` holds integers (as float). ``codes`` are
-    the unsigned integer weights ``[out, in]`` in ``[0, 2**bits)``; dequantized ``w = (codes - zero) * scale``
-    with the scale of the column's group.
+    ``scale`` and ``zero`` are ``[out, n_groups]``; ``zero`` holds integers (as float). For int,
+    ``codes`` are the unsigned integer weights ``[out, in]`` in ``[0, 2**bits)``; dequantized
+    ``w = (codes - zero) * scale`` with the scale of the column's group. For floating-point data
+    types ``codes`` are element bit patterns and ``w = value(code) * scale`` (``/ global_scale``).
     """
 
     scale: torch.Tensor
@@ -28,18 +29,30 @@ class QParams:
     codes: torch.Tensor
     bits: int
     group_size: int
+    data_type: str = "int"
+    global_scale: Optional[torch.Tensor] = None  # NVFP4: w = code * scale / global_scale
+    input_amax: Optional[torch.Tensor] = None  # static activation range seen in calibration
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         in_features = self.codes.shape[1]
         cols = torch.arange(in_features, device=self.codes.device) // effective_group_size(
             self.group_size, in_features
         )
-        w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
+        if self.data_type == "int":
+            w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
+        else:
+            from .elements import decode
+
+            scale = self.scale.float()
+            if self.global_scale is not None:  # the same arithmetic as qdq_nv, for bit-equal weights
+                scale = scale / self.global_scale.float()
+            w = decode(self.codes, self.bits) * scale[:, cols]
         return w.to(dtype)
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
-    return in_features if group_size == -1 else group_size
+    # -1: one group per output channel; 0: per tensor, laid out per channel (FP8 weights)
+    return in_features if group_size <= 0 else group_size
 
 
 def n_groups(in_features: int, group_size: int) -> int:

@@ -140,7 +140,9 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
                 for rel, (m, spec) in layers.items()}
 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
-    return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, init, gen, keep_outputs)
+    # plain RTN reaches here only for static activation ranges: no clipping search
+    return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, None if cfg.mode == "rtn" else init, gen,
+                     keep_outputs)
 
 
 def _zero_iters(cfg: TuneConfig) -> TuneConfig:

@@ -7,10 +7,12 @@ inputs per input channel (how much each column of W matters to the output).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ..model.layers import get_weight, set_weight
+from ..model.layers import attach_act_quant, get_weight, set_weight
 from ..qdq import QParams, qdq
 from ..qdq.common import to_groups
 from ..schemes import QuantSpec
@@ -22,13 +24,21 @@ COARSE_CLIP_GRID = CLIP_GRID[::4]  # 1.0, 0.9, ..., 0.5
 
 def compact(qp: QParams) -> QParams:
     """Keep QParams off the accelerator and codes as uint8 (1 byte per weight until export)."""
-    return QParams(qp.scale.cpu(), qp.zero.cpu(), qp.codes.to("cpu", torch.uint8), qp.bits, qp.group_size)
+    return dataclasses.replace(
+        qp,
+        scale=qp.scale.cpu(),
+        zero=qp.zero.cpu(),
+        codes=qp.codes.to("cpu", torch.uint8),
+        global_scale=None if qp.global_scale is None else qp.global_scale.cpu(),
+        input_amax=None if qp.input_amax is None else qp.input_amax.cpu(),
+    )
 
 
 def rtn_layer(module: nn.Module, spec: QuantSpec, min_scale=None, max_scale=None) -> QParams:
     """Replace the module's weight by its qdq value; return compact QParams."""
     w_qdq, qp = qdq(get_weight(module).detach(), spec, min_scale=min_scale, max_scale=max_scale)
     set_weight(module, w_qdq)
+    attach_act_quant(module, spec, None)  # dynamic activation scales only: static ones need calibration
     return compact(qp)
 
 

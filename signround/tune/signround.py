@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import get_weight, set_module, set_weight
+from ..model.layers import attach_act_quant, get_weight, set_module, set_weight
 from ..qdq import QParams, n_groups, qdq
+from ..qdq.act import qdq_act
 from ..schemes import QuantSpec
 from .config import TuneConfig
 from .rtn import compact
@@ -84,6 +85,9 @@ class TunableLayer(nn.Module):
         mx = ones if max_scale is None else max_scale.to(w.device).float()
         self.min_scale = nn.Parameter(mn.clone(), requires_grad=tune_minmax)
         self.max_scale = nn.Parameter(mx.clone(), requires_grad=tune_minmax)
+        # activation quantization: static range measured in a calibration pass (collect_act=True)
+        self.act_amax: torch.Tensor | None = None
+        self.collect_act = False
 
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
@@ -99,6 +103,11 @@ class TunableLayer(nn.Module):
         return self.qdq_weight()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collect_act:
+            a = x.detach().abs().amax().float()
+            self.act_amax = a if self.act_amax is None else torch.maximum(self.act_amax, a)
+        elif self.spec.act_quantized:
+            x = qdq_act(x, self.spec, self.act_amax)
         w = self.qdq_values()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -132,6 +141,8 @@ class TunableLayer(nn.Module):
         """Write the qdq weight into the wrapped module and return its QParams."""
         w_qdq, qp = self.qdq_weight()
         set_weight(self.orig, w_qdq)
+        attach_act_quant(self.orig, self.spec, self.act_amax)
+        qp.input_amax = self.act_amax
         return compact(qp)
 
 
@@ -244,6 +255,15 @@ def tune_unit(
         full_target = lambda sl: target(sl, x_q[sl].to(device))  # noqa: E731
         run_unit = lambda xb: run(unit, xb.to(device))  # noqa: E731
 
+        collect = [w for w in wrappers.values() if w.spec.needs_act_range]
+        if collect:  # static activation ranges, measured with the RTN weights of earlier layers
+            for w in collect:
+                w.collect_act = True
+            try:
+                _full_pass(run_unit, x_q, full_target, bs)
+            finally:
+                for w in collect:
+                    w.collect_act = False
         imp = _Importance(wrappers) if init is not None else None
         try:  # plain RTN (the wrappers start with no offsets and full range)
             loss_rtn, out_rtn = _full_pass(run_unit, x_q, full_target, bs, keep_outputs and init is None)

@@ -1,0 +1,221 @@
+"""Floating-point data types (MXFP4/MXFP8, NVFP4, FP8), activation quantization, and the
+llm_compressor (compressed-tensors) format, checked by hand and against compressed-tensors."""
+
+import json
+
+import pytest
+import torch
+
+from signround import AutoRound
+from signround.errors import ConfigError, ExportError
+from signround.export.llm_compressor import pack_fp4, unpack_fp4
+from signround.qdq import qdq
+from signround.qdq.act import qdq_act
+from signround.qdq.elements import decode, encode, round_e2m1, round_e4m3
+from signround.schemes import QuantSpec, resolve_scheme
+
+MX4 = QuantSpec(4, 32, True, "mx_fp")
+NV4 = QuantSpec(4, 16, True, "nv_fp")
+FP8 = QuantSpec(8, -1, True, "fp")
+
+
+def test_e2m1_rounding_ties_to_even_and_saturates():
+    x = torch.tensor([0.25, 0.3, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 7.0, -0.3, -100.0])
+    want = torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -0.5, -6.0])
+    assert torch.equal(round_e2m1(x), want)
+
+
+def test_element_encodings_round_trip():
+    codes = torch.arange(16, dtype=torch.uint8)
+    vals = decode(codes, 4)
+    assert vals[:8].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    assert vals[9:].tolist() == [-0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    assert torch.equal(encode(vals, 4)[1:], codes[1:])  # -0 and +0 are one value
+    b = torch.arange(256, dtype=torch.uint8)
+    v = decode(b, 8)
+    finite = ~torch.isnan(v)
+    assert torch.equal(encode(v[finite], 8), b[finite])
+    assert round_e4m3(torch.tensor([1000.0, 0.3])).tolist() == [448.0, 0.3125]
+
+
+def test_mxfp4_qdq_by_hand():
+    w = torch.zeros(1, 64)
+    w[0, 0], w[0, 1], w[0, 2] = 5.0, 1.3, -2.6  # group 0: amax 5 -> 2**(2-2) = 1
+    w[0, 32], w[0, 33] = 0.7, 0.2  # group 1: amax 0.7 -> 2**(-1-2) = 1/8
+    dq, qp = qdq(w, MX4)
+    assert qp.scale.tolist() == [[1.0, 0.125]]
+    assert dq[0, :3].tolist() == [4.0, 1.5, -3.0]
+    assert dq[0, 32:34].tolist() == [0.75, 0.1875]  # 0.2 / (1/8) = 1.6 -> 1.5
+    assert torch.equal(qp.dequantize(), dq)
+
+
+def test_nvfp4_qdq_by_hand():
+    w = torch.zeros(1, 32)
+    w[0, 0] = 6.0  # tensor amax 6 -> global scale 448 * 6 / 6 = 448
+    w[0, 16], w[0, 17] = 3.0, 1.1  # group 1: 3 / 6 * 448 = 224 (an E4M3 value) -> scale 0.5
+    dq, qp = qdq(w, NV4)
+    assert qp.global_scale.item() == 448.0
+    assert qp.scale[0, 1].item() == 224.0
+    assert dq[0, 16:18].tolist() == [3.0, 1.0]
+    assert dq[0, 0].item() == 6.0
+    assert torch.equal(qp.dequantize(), dq)
+
+
+def test_fp8_per_channel_and_per_tensor():
+    w = torch.tensor([[448.0, 1.1, -3.3], [4.48, 0.011, 0.0]])
+    dq, qp = qdq(w, FP8)
+    assert qp.scale[:, 0].tolist() == [1.0, pytest.approx(0.01)]
+    assert dq[0].tolist() == [448.0, 1.125, -3.25]
+    dq_t, qp_t = qdq(w, QuantSpec(8, 0, True, "fp"))
+    assert torch.all(qp_t.scale == 1.0)
+    assert dq_t[1, 0].item() == 4.5  # 4.48 on the per-tensor grid
+    for dqx, qpx in ((dq, qp), (dq_t, qp_t)):
+        assert torch.equal(qpx.dequantize(), dqx)
+
+
+@pytest.mark.parametrize("name", ["MXFP4", "MXFP8", "NVFP4", "FPW8A16"])
+def test_fp_qdq_short_last_group_and_tunable_max_scale(name):
+    spec = resolve_scheme(name)
+    torch.manual_seed(0)
+    w = torch.randn(6, 72)
+    dq, qp = qdq(w, spec)
+    assert torch.equal(qp.dequantize(), dq)
+    mx = torch.full(qp.scale.shape, 0.9, requires_grad=True)
+    v = torch.zeros_like(w, requires_grad=True)
+    dq2, _ = qdq(w, spec, v=v, max_scale=mx)
+    ((dq2 - w) ** 2).sum().backward()
+    assert v.grad.abs().sum() > 0 and mx.grad.abs().sum() > 0
+
+
+def test_activation_qdq():
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = 6.0, 1.3
+    assert qdq_act(x, resolve_scheme("MXFP4"))[0, :2].tolist() == [6.0, 1.5]
+    spec = resolve_scheme("FP8_STATIC")
+    y = qdq_act(torch.tensor([[2.0, 0.33]]), spec, amax=torch.tensor(448.0))
+    assert y.tolist() == [[2.0, 0.34375]]  # E4M3 steps of 1/32 between 0.25 and 0.5
+    assert qdq_act(x, resolve_scheme("FPW8A16")) is x
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"scheme": "MXFP4", "group_size": 64}, "group_size [32]"),
+        ({"scheme": "NVFP4", "bits": 8}, "NVFP4"),
+        ({"scheme": "MXFP4", "sym": False}, "symmetric"),
+        ({"scheme": "FP8_STATIC", "act_group_size": 32}, "act_group_size"),
+        ({"scheme": "W4A16", "act_bits": 8}, "FP8_STATIC"),
+        ({"scheme": "W4A16", "data_type": "float"}, "mx_fp"),
+    ],
+)
+def test_fp_scheme_errors(kw, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        resolve_scheme(kw.pop("scheme"), **kw)
+    assert needle in str(e.value)
+
+
+def _ar(stories_dir, scheme, **kw):
+    base = dict(nsamples=8, seqlen=64, batch_size=4, enable_torch_compile=False)
+    base.update(kw)
+    return AutoRound(str(stories_dir), scheme=scheme, **base)
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4", "NVFP4"])
+def test_signround_beats_rtn_block_loss(stories_dir, scheme):
+    ar = _ar(stories_dir, scheme, iters=20, lr=5e-3)
+    ar.quantize()
+    stats = ar.result.block_stats
+    assert len(stats) == 5
+    for name, s in stats.items():
+        assert s["loss_final"] < s["loss_rtn"], (name, s)
+
+
+def test_static_activation_range_and_in_memory_hook(stories_dir):
+    ar = _ar(stories_dir, "FP8_STATIC", iters=0, disable_opt_rtn=True)
+    model, _ = ar.quantize()
+    qp = ar.result.qparams["model.layers.0.self_attn.q_proj"]
+    assert qp.input_amax is not None and qp.input_amax.item() > 0
+    lin = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 64) * 3
+    want = torch.nn.functional.linear(qdq_act(x, ar.spec, qp.input_amax), lin.weight)
+    assert torch.allclose(lin(x), want)
+
+
+def test_integer_formats_refuse_fp_schemes(stories_dir, tmp_path):
+    ar = _ar(stories_dir, "MXFP4", iters=0, ignore_layers="down_proj")
+    for fmt in ("auto_round", "auto_gptq", "auto_awq"):
+        with pytest.raises(ExportError, match="llm_compressor"):
+            ar.quantize_and_save(tmp_path / fmt, format=fmt)
+        assert ar.result is None and not (tmp_path / fmt).exists()  # refused before quantizing
+
+
+def test_llm_compressor_refuses_groups_that_do_not_divide(stories_dir, tmp_path):
+    ar = _ar(stories_dir, "NVFP4", iters=0)  # down_proj has 172 inputs
+    with pytest.raises(ExportError, match="divide"):
+        ar.quantize_and_save(tmp_path / "o", format="llm_compressor")
+    assert ar.result is None and not (tmp_path / "o").exists()
+
+
+def test_fp4_byte_packing_by_hand():
+    codes = torch.tensor([[1, 2, 3, 15]], dtype=torch.uint8)
+    assert pack_fp4(codes).tolist() == [[0x21, 0xF3]]
+    assert torch.equal(unpack_fp4(pack_fp4(codes)), codes)
+
+
+CT_SCHEMES = [
+    ("W4A16G32", {}),
+    ("W4A16G32", {"sym": False}),
+    ("W3A16G32", {"sym": False}),
+    ("W8A16", {"group_size": -1}),
+    ("W2A16G32", {}),
+    ("MXFP4", {}),
+    ("MXFP8", {}),
+    ("NVFP4", {}),
+    ("FPW8A16", {}),
+    ("FP8_STATIC", {}),
+]
+
+
+@pytest.mark.parametrize("scheme,kw", CT_SCHEMES)
+def test_llm_compressor_decompresses_to_our_qdq_weights(stories_dir, tmp_path, scheme, kw):
+    pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (the llm_compressor extra)")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    ar = _ar(stories_dir, scheme, iters=0, ignore_layers="down_proj", **kw)
+    ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="llm_compressor")
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert qc.quant_method == "compressed-tensors" and "model.layers.0.mlp.down_proj" in qc.ignore
+    sd = {}
+    for f in out.glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    group = qc.config_groups["group_0"]
+    compressor = BaseCompressor.load_from_registry(group.format)
+    for name, qp in ar.result.qparams.items():
+        local = {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
+        got = compressor.decompress(local, group)["weight"].float()
+        ref = qp.dequantize(torch.float32)
+        if scheme == "NVFP4":  # compressed-tensors dequantizes FP4 in bfloat16
+            assert torch.allclose(got, ref, rtol=2**-7, atol=0), name
+        else:
+            assert torch.equal(got, ref), name
+        if scheme == "FP8_STATIC":
+            assert torch.allclose(local["input_scale"], qp.input_amax / 448)
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G32", "FPW8A16"])
+def test_llm_compressor_loads_in_transformers_with_same_logits(stories_dir, tmp_path, scheme):
+    pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (the llm_compressor extra)")
+    from transformers import AutoModelForCausalLM
+
+    ar = _ar(stories_dir, scheme, iters=0, ignore_layers="down_proj")
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="llm_compressor", inplace=False)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        got = hf(ids).logits
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
