@@ -39,25 +39,35 @@ def main():
     from auto_round import AutoRound
     a = json.loads(sys.argv[1])
     texts = json.load(open(a["calib"]))
-    kw = dict(bits=a["bits"], group_size=a["group_size"], sym=a["sym"], iters=a["iters"],
-              nsamples=a["nsamples"], seqlen=a["seqlen"], batch_size=a["batch_size"], dataset=texts, seed=42)
+    kw = dict(iters=a["iters"], nsamples=a["nsamples"], seqlen=a["seqlen"], batch_size=a["batch_size"],
+              dataset=texts, seed=42)
+    if a["preset"] is None:
+        kw.update(bits=a["bits"], group_size=a["group_size"], sym=a["sym"])
     if a["plain_rtn"]:
         kw["disable_opt_rtn"] = True
-    ar = AutoRound(a["model"], scheme="W4A16", **kw)
-    ar.quantize_and_save(a["out"], format="auto_round")
+    ar = AutoRound(a["model"], scheme=a["preset"] or "W4A16", **kw)
+    ar.quantize_and_save(a["out"], format="llm_compressor" if a["preset"] else "auto_round")
 if __name__ == "__main__":
     main()
 """
 
 
+FP_PRESETS = ("MXFP4", "MXFP8", "NVFP4", "MXFP4A16", "NVFP4A16", "FPW8A16", "FP8_STATIC")
+
+
 def parse_run(spec: str) -> dict:
+    """``ours|upstream:W4G64[A]:ITERS`` (int, A = asymmetric) or ``ours|upstream:MXFP4:ITERS`` (an FP
+    preset, saved as llm_compressor); ITERS ``rtn`` is plain round-to-nearest, 0 optimized RTN."""
     tool, scheme, iters = spec.split(":")
     m = re.fullmatch(r"W(\d)G(-?\d+)(A?)", scheme)
-    if tool not in ("ours", "upstream") or not m:
-        raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:W4G64[A]:ITERS")
+    if tool not in ("ours", "upstream") or not (m or scheme in FP_PRESETS):
+        raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:W4G64[A]:ITERS or ours|upstream:MXFP4:ITERS")
     plain = iters == "rtn"
-    return {"tool": tool, "scheme": scheme, "bits": int(m.group(1)), "group_size": int(m.group(2)),
-            "sym": not m.group(3), "iters": 0 if plain else int(iters), "plain_rtn": plain, "name": spec.replace(":", "_")}
+    run = {"tool": tool, "scheme": scheme, "preset": None if m else scheme, "iters": 0 if plain else int(iters),
+           "plain_rtn": plain, "name": spec.replace(":", "_")}
+    if m:
+        run.update(bits=int(m.group(1)), group_size=int(m.group(2)), sym=not m.group(3))
+    return run
 
 
 def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:
@@ -120,12 +130,15 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
 
         shutil.rmtree(out)
     if run["tool"] == "ours":
-        cmd = [sys.executable, "-m", "signround", "--model", args.model, "--scheme", f"W{run['bits']}A16",
-               "--group_size", str(run["group_size"]), "--iters", str(run["iters"]), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size), "--dataset", str(calib),
-               "--output_dir", str(out)]
-        if not run["sym"]:
-            cmd.append("--asym")
+        cmd = [sys.executable, "-m", "signround", "--model", args.model, "--iters", str(run["iters"]),
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
+               "--dataset", str(calib), "--output_dir", str(out)]
+        if run["preset"]:
+            cmd += ["--scheme", run["preset"], "--format", "llm_compressor"]
+        else:
+            cmd += ["--scheme", f"W{run['bits']}A16", "--group_size", str(run["group_size"])]
+            if not run["sym"]:
+                cmd.append("--asym")
         if run["plain_rtn"]:
             cmd.append("--disable_opt_rtn")
     else:

@@ -219,3 +219,18 @@ def test_llm_compressor_loads_in_transformers_with_same_logits(stories_dir, tmp_
         hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
         got = hf(ids).logits
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,kw", [("W4A16G32", {"sym": False}), ("MXFP4", {}), ("NVFP4", {}), ("FP8_STATIC", {})])
+def test_load_quantized_reads_llm_compressor_with_activation_quant(stories_dir, tmp_path, scheme, kw):
+    from signround import load_quantized
+
+    ar = _ar(stories_dir, scheme, iters=0, ignore_layers="down_proj", **kw)
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="llm_compressor", inplace=False)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = load_quantized(str(out))(ids).logits
+    # NVFP4's activation range goes through input_global_scale = 448 * 6 / amax and back
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)

@@ -65,7 +65,8 @@ def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
             raise ModelError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only gemm")
         return "auto_round:auto_awq", QuantSpec(4, gs, bool(qc.get("sym", not qc.get("zero_point", True))))
     raise ModelError(
-        f"{path}: quant_method {qc.get('quant_method')!r} is not supported; signround loads auto-round, gptq and awq checkpoints"
+        f"{path}: quant_method {qc.get('quant_method')!r} is not supported; signround loads auto-round, gptq, awq "
+        "and compressed-tensors checkpoints"
     )
 
 
@@ -98,10 +99,49 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 
+def _empty_model(p: Path, dtype: torch.dtype | str | None) -> tuple[nn.Module, torch.dtype]:
+    """The architecture of ``p`` with weights on the meta device, and the dtype it will hold."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(p))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, dtype
+
+
+def _finish(model: nn.Module, p: Path, qc: dict[str, Any], device) -> nn.Module:
+    model.tie_weights()
+    missing = [n for n, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise ModelError(f"{p} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+    model.config.quantization_config = qc
+    return model.to(device).eval()
+
+
+def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], device, dtype) -> nn.Module:
+    from .compressed import load_compressed
+
+    model, dtype = _empty_model(p, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(shard)))
+    n = load_compressed(model, qc, tensors, p, dtype)
+    model = _finish(model, p, qc, device)
+    logger.info("loaded %d compressed-tensors layers from %s (dequantized once into float Linear layers)", n, p)
+    return model
+
+
 def load_quantized(
     path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"
 ) -> nn.Module:
-    """Load a quantized checkpoint (auto_round from signround or upstream, GPTQ, AWQ) from a local directory.
+    """Load a quantized checkpoint (auto_round from signround or upstream, GPTQ, AWQ, compressed-tensors)
+    from a local directory.
 
     Needs no network and no upstream package; GPTQ/AWQ layers are converted to our QuantLinear.
 
@@ -111,23 +151,15 @@ def load_quantized(
     """
     if backend not in ("auto", "packed", *BACKENDS):
         raise ModelError(f"unknown backend {backend!r}; choose auto, packed or one of {', '.join(BACKENDS)}")
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     p = check_model_path(path)
     qc = _read_config(p)
-    packing, default = _format_of(qc, p)
     shards = sorted(p.glob("*.safetensors"))
+    if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+        return _load_compressed_tensors(p, qc, shards, device, dtype)
+    packing, default = _format_of(qc, p)
     keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
     quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
-    config = AutoConfig.from_pretrained(str(p))
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model, dtype = _empty_model(p, dtype)
 
     specs = _layer_specs(qc, default, quantized)
     modules = dict(model.named_modules())
@@ -153,12 +185,7 @@ def load_quantized(
         sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
               for k, v in sd.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, t in model.state_dict().items() if t.is_meta]
-    if missing:
-        raise ModelError(f"{p} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
-    model.config.quantization_config = qc
-    model = model.to(device).eval()
+    model = _finish(model, p, qc, device)
     try:
         assign_backends(model, device, backend)
     except ValueError as e:
