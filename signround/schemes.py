@@ -79,10 +79,12 @@ class QuantSpec:
             return self
         if self.data_type in FP_TYPES:
             return self._validate_fp(where)
-        if self.data_type != "int":
+        if self.data_type == "int_min" and self.sym:
+            raise ConfigError(f"{where}: data_type 'int_min' (float minimum, GGUF Q4_1/Q5_1) is asymmetric; set sym=False")
+        if self.data_type not in ("int", "int_min"):
             raise ConfigError(
                 f"{where}: data_type {self.data_type!r} is not supported; use one of "
-                f"{['int', *FP_TYPES]}"
+                f"{['int', 'int_min', *FP_TYPES]}"
             )
         if self.bits not in INT_BITS:
             raise ConfigError(

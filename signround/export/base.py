@@ -28,8 +28,8 @@ class PackedExporter:
         for name, spec in plan.quantized.items():
             if spec.data_type != "int" or spec.bits not in (2, 3, 4, 8):
                 raise ExportError(
-                    f"{self.name} holds integer weights only and cannot hold {name} ({spec.label()}); "
-                    "use --format llm_compressor (compressed-tensors, what vLLM loads) or fake"
+                    f"{self.name} holds 2/3/4/8-bit integer weights with zero points and cannot hold {name} "
+                    f"({spec.label()}); use --format llm_compressor (compressed-tensors, what vLLM loads) or fake"
                 )
 
     def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:

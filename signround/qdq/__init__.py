@@ -15,12 +15,18 @@ from ..errors import ConfigError
 from ..schemes import QuantSpec
 from .common import QParams, from_groups, n_groups, to_groups
 from .fp import qdq_fp8, qdq_mx, qdq_nv
-from .int import qdq_int
+from .int import qdq_int, qdq_int_min
 
 QdqFn = Callable[..., "tuple[torch.Tensor, QParams]"]
 
 # data_type -> qdq function; the names are upstream AutoRound's data_type values
-QDQ_REGISTRY: dict[str, QdqFn] = {"int": qdq_int, "mx_fp": qdq_mx, "nv_fp": qdq_nv, "fp": qdq_fp8}
+QDQ_REGISTRY: dict[str, QdqFn] = {
+    "int": qdq_int,
+    "int_min": qdq_int_min,  # GGUF Q4_1 / Q5_1
+    "mx_fp": qdq_mx,
+    "nv_fp": qdq_nv,
+    "fp": qdq_fp8,
+}
 
 
 def qdq(

@@ -40,6 +40,8 @@ class QParams:
         )
         if self.data_type == "int":
             w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
+        elif self.data_type == "int_min":
+            w = self.scale.float()[:, cols] * self.codes.float() + self.zero.float()[:, cols]
         else:
             from .elements import decode
 

@@ -80,3 +80,42 @@ def qdq_int(
         group_size=gs,
     )
     return w_qdq, qp
+
+
+def qdq_int_min(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    v: Optional[torch.Tensor] = None,
+    min_scale: Optional[torch.Tensor] = None,
+    max_scale: Optional[torch.Tensor] = None,
+) -> "tuple[torch.Tensor, QParams]":
+    """Asymmetric with a floating-point minimum instead of an integer zero point (GGUF Q4_1 / Q5_1):
+    ``w = d * q + m`` with ``d = (max - min) / (2**bits - 1)`` and ``m = min``, both fp16.
+
+    The group's true range is used (0 need not be representable). QParams hold ``d`` in ``scale``
+    and ``m`` in ``zero``.
+    """
+    maxq = 2**spec.bits - 1
+    in_f = w.shape[1]
+    wg = to_groups(w.float(), spec.group_size)
+    wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    if min_scale is not None:
+        wmin = wmin * min_scale
+    if max_scale is not None:
+        wmax = wmax * max_scale
+    d = to_scale_dtype(torch.clamp((wmax - wmin) / maxq, min=MIN_SCALE_MAGNITUDE))
+    m = to_scale_dtype(wmin)
+    x = (wg - m.unsqueeze(-1)) / d.unsqueeze(-1)
+    if v is not None:
+        x = x + to_groups(v.float(), spec.group_size)
+    q = torch.clamp(round_ste(x), 0, maxq)
+    dq = d.unsqueeze(-1) * q + m.unsqueeze(-1)  # the order GGUF dequantizes in, for bit-equal weights
+    qp = QParams(
+        scale=d.detach(),
+        zero=m.detach(),
+        codes=from_groups(q.detach(), in_f).to(torch.int32),
+        bits=spec.bits,
+        group_size=spec.group_size,
+        data_type="int_min",
+    )
+    return from_groups(dq, in_f).to(w.dtype), qp
