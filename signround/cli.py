@@ -19,6 +19,12 @@ from .errors import ConfigError, SignRoundError
 logger = logging.getLogger("signround")
 
 
+def _default_scheme(formats: str) -> str:
+    """W4A16, or GGUF:TYPE when the only formats asked for are gguf:TYPE (as upstream does)."""
+    ggml = {f.strip().lower()[5:] for f in formats.split(",") if f.strip().lower().startswith("gguf:")}
+    return f"GGUF:{ggml.pop().upper()}" if len(ggml) == 1 else "W4A16"
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -32,9 +38,10 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--recipe", default=recipe, choices=["best", "default", "light"],
                    help="best: 1000 iters, 512 samples; default: 200 iters; light: 50 iters, lr 5e-3")
     p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
-    p.add_argument("--scheme", default="W4A16",
+    p.add_argument("--scheme", default=None,
                    help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "
-                        "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC")
+                        "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC, GGUF:Q4_0 ... (default W4A16, or the "
+                        "GGUF scheme of a gguf:TYPE format)")
     p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
     p.add_argument("--group_size", type=int, default=None, help="override the group size (-1: per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero point)")
@@ -69,7 +76,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (auto, float32, float16, bfloat16)")
     p.add_argument("--format", default="auto_round",
-                   help="auto_round, auto_gptq, auto_awq, fake; comma-separated for several (one subdirectory each)")
+                   help="auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:q4_0 (q4_1, q5_0, q5_1, "
+                        "q8_0); comma-separated for several (one subdirectory each)")
     p.add_argument("--output_dir", required=True, help="the model is written to exactly this directory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
@@ -142,7 +150,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         tasks = parse_tasks(args.tasks, args.include_path)
     ar = AutoRound(
         args.model,
-        scheme=args.scheme,
+        scheme=args.scheme or _default_scheme(args.format),
         bits=args.bits,
         group_size=args.group_size,
         sym=False if args.asym else None,

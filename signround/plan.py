@@ -14,11 +14,12 @@ from .model.layers import (
     find_block_names,
     get_module,
     get_weight,
+    in_out_features,
     lm_head_name,
     quantizable_layer_names,
     tied_lm_head,
 )
-from .schemes import QuantSpec, resolve_layer_specs
+from .schemes import FP_BITS, QuantSpec, resolve_layer_specs
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def build_plan(
     specs = resolve_layer_specs(candidates, default, layer_config, _parse_names(ignore_layers), opt_in)
     if quant_lm_head and head and not specs[head].quantized and head not in (layer_config or {}):
         specs[head] = default
+    _ggml_row_fallback(model, specs)
     for name, spec in specs.items():
         if not spec.quantized:
             continue
@@ -102,6 +104,20 @@ def build_plan(
             head,
         )
     return QuantPlan(default, blocks, specs, head, untie, block_layers)
+
+
+def _ggml_row_fallback(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
+    """ggml blocks span whole rows: layers whose input size the block does not divide stay in
+    floating point (llama.cpp falls back the same way)."""
+    kept = []
+    for name, spec in specs.items():
+        if spec.quantized and spec.ggml_type is not None:
+            in_f = in_out_features(get_module(model, name))[0]
+            if in_f % spec.group_size:
+                specs[name] = QuantSpec(bits=FP_BITS)
+                kept.append(f"{name} ({in_f} inputs)")
+    if kept:
+        logger.warning("kept in floating point, ggml blocks need in_features divisible by 32: %s", ", ".join(kept))
 
 
 def untie_output_embedding(model: nn.Module, plan: QuantPlan) -> None:

@@ -48,6 +48,7 @@ class QuantSpec:
     act_data_type: str = "fp"
     act_group_size: int = 0
     act_dynamic: bool = True
+    ggml_type: str | None = None  # set by GGUF schemes: the ggml block type the layer is packed into
 
     @property
     def act_quantized(self) -> bool:
@@ -79,6 +80,8 @@ class QuantSpec:
             return self
         if self.data_type in FP_TYPES:
             return self._validate_fp(where)
+        if self.ggml_type is not None:
+            return self._validate_ggml(where)
         if self.data_type == "int_min" and self.sym:
             raise ConfigError(f"{where}: data_type 'int_min' (float minimum, GGUF Q4_1/Q5_1) is asymmetric; set sym=False")
         if self.data_type not in ("int", "int_min"):
@@ -101,6 +104,18 @@ class QuantSpec:
             raise ConfigError(
                 f"{where}: activation quantization (act_bits={self.act_bits}) is not supported for "
                 "integer weight schemes; use act_bits=16, or an FP scheme such as FP8_STATIC / MXFP4 / NVFP4"
+            )
+        return self
+
+    def _validate_ggml(self, where: str) -> "QuantSpec":
+        want = GGML_SPECS.get(self.ggml_type)
+        if want is None:
+            raise ConfigError(f"{where}: unknown ggml type {self.ggml_type!r}; known: {', '.join(GGML_SPECS)}")
+        if (self.bits, self.group_size, self.sym, self.data_type) != (want.bits, want.group_size, want.sym, want.data_type):
+            raise ConfigError(
+                f"{where}: GGUF {self.ggml_type} is {want.bits}-bit, group {want.group_size}, "
+                f"{'symmetric' if want.sym else 'asymmetric'}; drop the bits / group_size / sym overrides "
+                "or choose another GGUF scheme"
             )
         return self
 
@@ -133,11 +148,23 @@ class QuantSpec:
     def label(self) -> str:
         if not self.quantized:
             return "fp16"
+        if self.ggml_type is not None:
+            return f"gguf {self.ggml_type}"
         if self.data_type != "int":
             act = f" A{self.act_bits} {self.act_data_type}" if self.act_quantized else ""
             return f"{self.data_type}{self.bits} G{self.group_size}{act}"
         kind = "sym" if self.sym else "asym"
         return f"W{self.bits}G{self.group_size} {kind}"
+
+
+# GGUF block types with their qdq: symmetric full-range int for the _0 types, a float minimum for _1
+GGML_SPECS: dict[str, QuantSpec] = {
+    "q4_0": QuantSpec(4, 32, True, "int", ggml_type="q4_0"),
+    "q4_1": QuantSpec(4, 32, False, "int_min", ggml_type="q4_1"),
+    "q5_0": QuantSpec(5, 32, True, "int", ggml_type="q5_0"),
+    "q5_1": QuantSpec(5, 32, False, "int_min", ggml_type="q5_1"),
+    "q8_0": QuantSpec(8, 32, True, "int", ggml_type="q8_0"),
+}
 
 
 def _w(bits: int, group_size: int = 128) -> QuantSpec:
@@ -160,6 +187,7 @@ PRESETS: dict[str, QuantSpec] = {
     "NVFP4A16": QuantSpec(4, 16, True, "nv_fp"),
     "FPW8A16": QuantSpec(8, -1, True, "fp"),
     "FP8_STATIC": QuantSpec(8, -1, True, "fp", act_bits=8, act_data_type="fp", act_group_size=0, act_dynamic=False),
+    **{f"GGUF:{t.upper()}": spec for t, spec in GGML_SPECS.items()},
     "BF16": QuantSpec(bits=16),
     "FP16": QuantSpec(bits=16),
 }

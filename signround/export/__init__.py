@@ -15,6 +15,7 @@ from ..qdq import QParams
 from .auto_round import AutoRoundExporter, dir_size
 from .awq import AutoAWQExporter
 from .fake import FakeExporter
+from .gguf import EXPORTERS as GGUF_EXPORTERS
 from .gptq import AutoGPTQExporter
 from .llm_compressor import LLMCompressorExporter
 from .writer import AtomicDir, check_output_dir, write_config, write_safetensors, write_tokenizer
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = {
     e.name: e
-    for e in (AutoRoundExporter(), AutoGPTQExporter(), AutoAWQExporter(), LLMCompressorExporter(), FakeExporter())
+    for e in (AutoRoundExporter(), AutoGPTQExporter(), AutoAWQExporter(), LLMCompressorExporter(), FakeExporter(),
+              *GGUF_EXPORTERS)
 }
 
 
@@ -74,8 +76,11 @@ def save(
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     with AtomicDir(output_dir) as tmp:
         for exporter in exporters:
-            d = tmp if len(exporters) == 1 else tmp / exporter.name
+            d = tmp if len(exporters) == 1 else tmp / exporter.name.replace(":", "-")
             d.mkdir(exist_ok=True)
+            if hasattr(exporter, "write"):  # single-file containers (gguf)
+                exporter.write(d, model, plan, qparams, tokenizer, source_dir)
+                continue
             write_safetensors(d, exporter.tensors(model, plan, qparams), **kwargs)
             write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
             write_tokenizer(d, tokenizer, source_dir)

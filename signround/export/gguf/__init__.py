@@ -1,5 +1,6 @@
-"""GGUF export (in progress): ggml block packers; the container writer and model mapping come next."""
+"""GGUF export: ggml block packers, the model-family tables, tokenizer metadata and the file writer."""
 
 from .blocks import BLOCK_PACKERS, pack_blocks
+from .exporter import EXPORTERS, GGUFExporter
 
-__all__ = ["BLOCK_PACKERS", "pack_blocks"]
+__all__ = ["BLOCK_PACKERS", "pack_blocks", "EXPORTERS", "GGUFExporter"]

@@ -1,0 +1,114 @@
+"""Hugging Face -> GGUF: one small explicit table per model family (tensor names, hyperparameters).
+
+Only families listed here are exported; anything else is refused before tuning with the list.
+Llama-family q/k weights are permuted from Hugging Face's rotate-half rope layout to the
+interleaved one llama.cpp computes with (rows only, so packed blocks are permuted as rows too).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ...errors import ExportError
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # GGUF general.architecture
+    permute_qk: bool = False
+    # HF name (with {i} for the block index) -> GGUF name
+    tensors: dict[str, str] = field(default_factory=dict)
+
+
+_LLAMA_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+_BIASES = {
+    f"model.layers.{{i}}.self_attn.{p}_proj.bias": f"blk.{{i}}.attn_{p}.bias" for p in ("q", "k", "v")
+}
+_QK_NORM = {
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+}
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", True, _LLAMA_TENSORS),
+    "mistral": Family("llama", True, _LLAMA_TENSORS),
+    "qwen2": Family("qwen2", False, {**_LLAMA_TENSORS, **_BIASES}),
+    "qwen3": Family("qwen3", False, {**_LLAMA_TENSORS, **_QK_NORM}),
+}
+
+
+def family_of(config: Any) -> Family:
+    fam = FAMILIES.get(getattr(config, "model_type", None))
+    if fam is None:
+        raise ExportError(
+            f"GGUF export supports the model families {', '.join(sorted(FAMILIES))}; this model is "
+            f"{getattr(config, 'model_type', '?')!r}: use --format auto_round or llm_compressor"
+        )
+    return fam
+
+
+def gguf_name(fam: Family, hf_name: str) -> str | None:
+    """The GGUF tensor name of a Hugging Face parameter name, or None when the family has none."""
+    m = re.match(r"(.*\.layers\.)(\d+)(\..*)", hf_name)
+    key, idx = (m.group(1) + "{i}" + m.group(3), m.group(2)) if m else (hf_name, None)
+    target = fam.tensors.get(key)
+    return None if target is None else target.format(i=idx)
+
+
+def permute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rotate-half rope rows -> interleaved (llama.cpp's order); works on any ``[out, ...]`` tensor."""
+    out = rows.shape[0]
+    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def qk_heads(fam: Family, config: Any, gguf_tensor: str) -> int | None:
+    """How many heads to permute a tensor by (q: attention heads, k: kv heads), or None."""
+    if not fam.permute_qk:
+        return None
+    if gguf_tensor.endswith("attn_q.weight"):
+        return config.num_attention_heads
+    if gguf_tensor.endswith("attn_k.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def hyperparameters(fam: Family, config: Any) -> list[tuple[Callable, Any]]:
+    """(GGUFWriter method name, value) pairs of the architecture's metadata."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kv = [
+        ("add_context_length", config.max_position_embeddings),
+        ("add_embedding_length", config.hidden_size),
+        ("add_block_count", config.num_hidden_layers),
+        ("add_feed_forward_length", config.intermediate_size),
+        ("add_head_count", config.num_attention_heads),
+        ("add_head_count_kv", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        ("add_rope_dimension_count", head_dim),
+        ("add_rope_freq_base", float(theta)),
+        ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
+        ("add_vocab_size", config.vocab_size),
+    ]
+    if fam.arch in ("qwen3",) or head_dim * config.num_attention_heads != config.hidden_size:
+        kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
+    scaling = rope.get("rope_type", "default")
+    if scaling not in ("default", None):
+        raise ExportError(f"rope scaling {scaling!r} is not mapped to GGUF yet; use --format auto_round")
+    return kv
