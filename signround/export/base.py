@@ -15,6 +15,18 @@ from .packing import pack_layer
 from .writer import unique_state_dict
 
 
+def packed_size_estimate(model: nn.Module, plan: QuantPlan) -> int:
+    """Bytes a packed checkpoint of ``plan`` takes, roughly (codes plus a 4-byte scale per group)."""
+    total = 0
+    for name, p in model.named_parameters():
+        spec = plan.specs.get(name.rsplit(".", 1)[0])
+        if spec is not None and spec.quantized and name.endswith("weight"):
+            total += p.numel() * spec.bits // 8 + p.numel() // max(spec.group_size, 1) * 4
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
 class PackedExporter:
     """Base of formats that store int codes packed in int32 words; subclasses pick the packing."""
 
@@ -39,14 +51,7 @@ class PackedExporter:
         return {}
 
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
-        total = 0
-        for name, p in model.named_parameters():
-            spec = plan.specs.get(name.rsplit(".", 1)[0])
-            if spec is not None and spec.quantized and name.endswith("weight"):
-                total += p.numel() * spec.bits // 8 + p.numel() // max(spec.group_size, 1) * 4
-            else:
-                total += p.numel() * p.element_size()
-        return total
+        return packed_size_estimate(model, plan)
 
     def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
         packing = self.packing(plan)

@@ -25,6 +25,7 @@ from ..qdq import QParams
 from ..qdq.elements import E2M1_MAX, E4M3_MAX
 from ..qdq.fp import E8M0_BIAS
 from ..schemes import QuantSpec
+from .base import packed_size_estimate
 from .packing import pack_cols, pack_rows
 from .writer import unique_state_dict
 
@@ -144,14 +145,7 @@ class LLMCompressorExporter:
                 )
 
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
-        total = 0
-        for name, p in model.named_parameters():
-            spec = plan.specs.get(name.rsplit(".", 1)[0])
-            if spec is not None and spec.quantized and name.endswith("weight"):
-                total += p.numel() * spec.bits // 8 + p.numel() // max(spec.group_size, 1) * 4
-            else:
-                total += p.numel() * p.element_size()
-        return total
+        return packed_size_estimate(model, plan)
 
     def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         groups: dict[QuantSpec, list[str]] = {}
