@@ -14,7 +14,6 @@ from .model.layers import (
     find_block_names,
     get_module,
     get_weight,
-    in_out_features,
     lm_head_name,
     quantizable_layer_names,
     tied_lm_head,
@@ -34,6 +33,9 @@ class QuantPlan:
     lm_head: str | None = None
     untie_lm_head: bool = False
     block_layers: dict[str, list[str]] = field(default_factory=dict)
+    ggml_ftype: str | None = None  # the llama.cpp file type of a GGUF scheme
+    # tensors outside the tuned set that the file type quantizes (token embedding, output), RTN
+    ggml_extras: dict[str, QuantSpec] = field(default_factory=dict)
 
     @property
     def quantized(self) -> dict[str, QuantSpec]:
@@ -82,7 +84,9 @@ def build_plan(
     specs = resolve_layer_specs(candidates, default, layer_config, _parse_names(ignore_layers), opt_in)
     if quant_lm_head and head and not specs[head].quantized and head not in (layer_config or {}):
         specs[head] = default
-    _ggml_row_fallback(model, specs)
+    from .export.gguf.mixes import resolve_mix  # the GGUF tables live with the exporter
+
+    ggml_ftype, ggml_extras = resolve_mix(model, specs, head)
     for name, spec in specs.items():
         if not spec.quantized:
             continue
@@ -103,21 +107,7 @@ def build_plan(
             head,
             head,
         )
-    return QuantPlan(default, blocks, specs, head, untie, block_layers)
-
-
-def _ggml_row_fallback(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
-    """ggml blocks span whole rows: layers whose input size the block does not divide stay in
-    floating point (llama.cpp falls back the same way)."""
-    kept = []
-    for name, spec in specs.items():
-        if spec.quantized and spec.ggml_type is not None:
-            in_f = in_out_features(get_module(model, name))[0]
-            if in_f % spec.group_size:
-                specs[name] = QuantSpec(bits=FP_BITS)
-                kept.append(f"{name} ({in_f} inputs)")
-    if kept:
-        logger.warning("kept in floating point, ggml blocks need in_features divisible by 32: %s", ", ".join(kept))
+    return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras)
 
 
 def untie_output_embedding(model: nn.Module, plan: QuantPlan) -> None:

@@ -48,7 +48,9 @@ class QuantSpec:
     act_data_type: str = "fp"
     act_group_size: int = 0
     act_dynamic: bool = True
-    ggml_type: str | None = None  # set by GGUF schemes: the ggml block type the layer is packed into
+    # set by GGUF schemes: a llama.cpp file type (q4_k_m) until the plan resolves it per layer to
+    # the ggml block type (q4_k, q6_k, ...) the layer is tuned for and packed into
+    ggml_type: str | None = None
 
     @property
     def act_quantized(self) -> bool:
@@ -108,9 +110,11 @@ class QuantSpec:
         return self
 
     def _validate_ggml(self, where: str) -> "QuantSpec":
-        want = GGML_SPECS.get(self.ggml_type)
+        want = GGML_SPECS.get(GGUF_FTYPES.get(self.ggml_type, self.ggml_type))
         if want is None:
-            raise ConfigError(f"{where}: unknown ggml type {self.ggml_type!r}; known: {', '.join(GGML_SPECS)}")
+            raise ConfigError(
+                f"{where}: unknown GGUF type {self.ggml_type!r}; known: {', '.join(sorted(set(GGUF_FTYPES) | set(GGML_SPECS)))}"
+            )
         if (self.bits, self.group_size, self.sym, self.data_type) != (want.bits, want.group_size, want.sym, want.data_type):
             raise ConfigError(
                 f"{where}: GGUF {self.ggml_type} is {want.bits}-bit, group {want.group_size}, "
@@ -157,13 +161,31 @@ class QuantSpec:
         return f"W{self.bits}G{self.group_size} {kind}"
 
 
-# GGUF block types with their qdq: symmetric full-range int for the _0 types, a float minimum for _1
+# GGUF block types with their qdq: symmetric full-range int for the _0 types, a float minimum for
+# _1, and the double-quantized k-quants (sub-block scales quantized per super-block of 256)
 GGML_SPECS: dict[str, QuantSpec] = {
     "q4_0": QuantSpec(4, 32, True, "int", ggml_type="q4_0"),
     "q4_1": QuantSpec(4, 32, False, "int_min", ggml_type="q4_1"),
     "q5_0": QuantSpec(5, 32, True, "int", ggml_type="q5_0"),
     "q5_1": QuantSpec(5, 32, False, "int_min", ggml_type="q5_1"),
     "q8_0": QuantSpec(8, 32, True, "int", ggml_type="q8_0"),
+    "q2_k": QuantSpec(2, 16, False, "int_asym_dq", ggml_type="q2_k"),
+    "q3_k": QuantSpec(3, 16, True, "int_sym_dq", ggml_type="q3_k"),
+    "q4_k": QuantSpec(4, 32, False, "int_asym_dq", ggml_type="q4_k"),
+    "q5_k": QuantSpec(5, 32, False, "int_asym_dq", ggml_type="q5_k"),
+    "q6_k": QuantSpec(6, 16, True, "int_sym_dq", ggml_type="q6_k"),
+}
+
+# llama.cpp file types -> the block type most tensors get; the plan gives each layer its type by
+# llama.cpp's per-tensor rules (export/gguf/mixes.py). A scheme's ggml_type holds the file type
+# until the plan resolves it to a block type per layer.
+GGUF_FTYPES: dict[str, str] = {
+    "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0",
+    "q2_k": "q2_k", "q2_k_s": "q2_k",
+    "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k", "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k", "q5_k_m": "q5_k",
+    "q6_k": "q6_k",
 }
 
 
@@ -187,7 +209,7 @@ PRESETS: dict[str, QuantSpec] = {
     "NVFP4A16": QuantSpec(4, 16, True, "nv_fp"),
     "FPW8A16": QuantSpec(8, -1, True, "fp"),
     "FP8_STATIC": QuantSpec(8, -1, True, "fp", act_bits=8, act_data_type="fp", act_group_size=0, act_dynamic=False),
-    **{f"GGUF:{t.upper()}": spec for t, spec in GGML_SPECS.items()},
+    **{f"GGUF:{f.upper()}": dataclasses.replace(GGML_SPECS[t], ggml_type=f) for f, t in GGUF_FTYPES.items()},
     "BF16": QuantSpec(bits=16),
     "FP16": QuantSpec(bits=16),
 }

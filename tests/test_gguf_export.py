@@ -51,9 +51,93 @@ def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
     with pytest.raises(ExportError, match="--scheme GGUF:Q4_0"):
         ar.quantize_and_save(tmp_path / "a", format="gguf:q4_0")
     assert ar.result is None and not (tmp_path / "a").exists()
-    ar = AutoRound(str(tiny_model_dir("gpt2")), scheme="GGUF:Q4_0", iters=0, disable_opt_rtn=True)
-    with pytest.raises(ExportError, match="supports the model families"):
-        ar.quantize_and_save(tmp_path / "b", format="gguf:q4_0")
-    assert ar.result is None
+    with pytest.raises(ExportError, match="supports the model families"):  # the mix needs the family table
+        AutoRound(str(tiny_model_dir("gpt2")), scheme="GGUF:Q4_0", iters=0,
+                  disable_opt_rtn=True).quantize_and_save(tmp_path / "b", format="gguf:q4_0")
+    assert not (tmp_path / "b").exists()
     with pytest.raises(ConfigError, match="GGUF q4_0 is 4-bit"):
         resolve_scheme("GGUF:Q4_0", bits=8)
+
+
+def _wide_llama(root, stories_dir, tied: bool):
+    """stories260K's tokenizer on a random Llama whose rows split into 256-blocks (k-quants need
+    them): hidden 256, intermediate 512, 8 layers, 8 heads over 2 kv heads (n_gqa 4)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = root / f"wide-{'tied' if tied else 'untied'}"
+    if out.exists():
+        return out
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    for f in stories_dir.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide_dirs(tmp_path_factory, stories_dir):
+    root = tmp_path_factory.mktemp("wide")
+    return {tied: _wide_llama(root, stories_dir, tied) for tied in (True, False)}
+
+
+# llama.cpp's mixes on that model (8 layers, n_gqa 4), written out by hand from llama-quant.cpp:
+# use_more_bits picks layers 0, 3, 6, 7; n/8 = 1; the output is q6_k; a tied embedding is the output
+K_MIXES = {
+    "q4_k_m": {"blk.0.attn_v": "Q6_K", "blk.1.attn_v": "Q4_K", "blk.3.ffn_down": "Q6_K", "blk.4.ffn_down": "Q4_K",
+               "blk.2.attn_q": "Q4_K", "output": "Q6_K", "token_embd": "Q4_K"},
+    "q2_k_s": {"blk.0.attn_v": "Q4_K", "blk.0.ffn_down": "Q4_K", "blk.1.ffn_down": "Q2_K", "blk.5.attn_k": "Q2_K",
+               "output": "Q6_K", "token_embd": "Q2_K"},
+    "q3_k_m": {"blk.0.attn_v": "Q5_K", "blk.2.attn_v": "Q4_K", "blk.0.ffn_down": "Q4_K", "blk.1.attn_output": "Q4_K",
+               "blk.1.ffn_up": "Q3_K", "output": "Q6_K", "token_embd": "Q3_K"},
+    "q5_k_s": {"blk.0.attn_v": "Q5_K", "blk.7.ffn_down": "Q5_K", "output": "Q6_K", "token_embd": "Q5_K"},
+    "q6_k": {"blk.0.attn_v": "Q6_K", "blk.3.ffn_gate": "Q6_K", "output": "Q6_K", "token_embd": "Q6_K"},
+}
+
+
+@pytest.mark.parametrize("ftype", sorted(K_MIXES))
+def test_k_quant_mix_loads_in_transformers_with_our_logits(wide_dirs, tmp_path, ftype):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    src = wide_dirs[False]
+    ar = AutoRound(str(src), scheme=f"GGUF:{ftype.upper()}", iters=0, nsamples=4, seqlen=32, batch_size=4)
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format=f"gguf:{ftype}", inplace=False)
+    (f,) = out.iterdir()
+    types = {t.name.removesuffix(".weight"): t.tensor_type.name for t in GGUFReader(str(f)).tensors}
+    assert {k: types[k] for k in K_MIXES[ftype]} == K_MIXES[ftype]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)
+    assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embedding_is_quantized_once_as_the_output(wide_dirs, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    ar = AutoRound(str(wide_dirs[True]), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32, batch_size=4)
+    model, _ = ar.quantize()
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    out = ar.save_quantized(tmp_path / "o", format="gguf:q4_k_m", inplace=False)
+    (f,) = out.iterdir()
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(f)).tensors}
+    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types
+    hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)
+    assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_k_quant_signround_tunes_below_its_rtn(wide_dirs):
+    ar = AutoRound(str(wide_dirs[False]), scheme="GGUF:Q2_K_S", iters=20, nsamples=8, seqlen=32, batch_size=4)
+    ar.quantize()
+    for block, stats in ar.result.block_stats.items():
+        assert stats["loss_final"] < stats["loss_rtn"], block

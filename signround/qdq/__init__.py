@@ -16,6 +16,7 @@ from ..schemes import QuantSpec
 from .common import QParams, from_groups, n_groups, to_groups
 from .fp import qdq_fp8, qdq_mx, qdq_nv
 from .int import qdq_int, qdq_int_min
+from .kquant import qdq_int_asym_dq, qdq_int_sym_dq
 
 QdqFn = Callable[..., "tuple[torch.Tensor, QParams]"]
 
@@ -23,6 +24,8 @@ QdqFn = Callable[..., "tuple[torch.Tensor, QParams]"]
 QDQ_REGISTRY: dict[str, QdqFn] = {
     "int": qdq_int,
     "int_min": qdq_int_min,  # GGUF Q4_1 / Q5_1
+    "int_asym_dq": qdq_int_asym_dq,  # GGUF q2_k / q4_k / q5_k
+    "int_sym_dq": qdq_int_sym_dq,  # GGUF q3_k / q6_k
     "mx_fp": qdq_mx,
     "nv_fp": qdq_nv,
     "fp": qdq_fp8,

@@ -32,15 +32,19 @@ class QParams:
     data_type: str = "int"
     global_scale: Optional[torch.Tensor] = None  # NVFP4: w = code * scale / global_scale
     input_amax: Optional[torch.Tensor] = None  # static activation range seen in calibration
+    # ggml k-quants: fp16 super-block scale d (and min scale dmin) ``[out, n_super]``; ``scale`` /
+    # ``zero`` then hold the effective d * sc and -(dmin * mn) of each sub-block
+    super_scale: Optional[torch.Tensor] = None
+    super_min: Optional[torch.Tensor] = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         in_features = self.codes.shape[1]
         cols = torch.arange(in_features, device=self.codes.device) // effective_group_size(
             self.group_size, in_features
         )
-        if self.data_type == "int":
+        if self.data_type in ("int", "int_sym_dq"):
             w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
-        elif self.data_type == "int_min":
+        elif self.data_type in ("int_min", "int_asym_dq"):
             w = self.scale.float()[:, cols] * self.codes.float() + self.zero.float()[:, cols]
         else:
             from .elements import decode

@@ -59,7 +59,18 @@ def quantize_rtn(model: nn.Module, plan: QuantPlan, show_progress: bool = True) 
             result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
     for name in plan.outside_blocks():
         result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
+    quantize_ggml_extras(model, plan, result)
     return result
+
+
+@torch.no_grad()
+def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult) -> None:
+    """The token embedding / output tensors a GGUF file type quantizes (llama.cpp's mix), with
+    a clipping search (no activations reach an embedding table); a tied pair is one tensor."""
+    for name, spec in plan.ggml_extras.items():
+        module = get_module(model, name)
+        mn, mx = search_clip(get_weight(module).detach(), spec, None, COARSE_CLIP_GRID)
+        result.qparams[name] = rtn_layer(module, spec, mn, mx)
 
 
 def quantize_calibrated(
@@ -127,6 +138,7 @@ def quantize_calibrated(
         stats = res.stats.as_dict()
         stats["seconds"] = round(time.time() - t0, 3)
         result.block_stats[name] = stats
+    quantize_ggml_extras(model, plan, result)
     return result
 
 

@@ -1,10 +1,11 @@
 """The gguf format: one ``.gguf`` file that llama.cpp and transformers (``gguf_file=``) load.
 
-``--format gguf:q4_0`` (q4_1, q5_0, q5_1, q8_0) packs every quantized Linear into that ggml
-block type straight from the tuned codes and scales, so the file computes exactly what was tuned
-and evaluated. Everything else (token embedding, norms, layers kept in floating point) is stored
-as F32 (F16 for half-precision models; 1-D tensors always F32). llama.cpp's own mixes also
-quantize the embedding and output; that comes with the k-quant mixes.
+``--format gguf:q4_k_m`` (any llama.cpp file type in ``GGUF_FTYPES``) packs every quantized
+tensor into the block type the plan gave it (llama.cpp's mix for that file type, see mixes.py)
+straight from the tuned codes and scales, so the file computes exactly what was tuned and
+evaluated; the token embedding and output are quantized as the file type says (RTN). Everything
+else (norms, layers kept in floating point) is stored as F32 (F16 for half-precision models;
+1-D tensors always F32).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 from ...errors import ExportError
 from ...plan import QuantPlan
 from ...qdq import QParams
-from ...schemes import GGML_SPECS
+from ...model.layers import tied_lm_head
+from ...schemes import GGML_SPECS, GGUF_FTYPES
 from ..writer import unique_state_dict
 from .blocks import pack_blocks
 from .mapping import family_of, gguf_name, hyperparameters, permute_rows, qk_heads
@@ -29,8 +31,6 @@ from .tokenizer import vocab_metadata
 
 logger = logging.getLogger(__name__)
 
-FILE_TYPES = {"q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
-              "q8_0": "MOSTLY_Q8_0"}
 
 
 def _gguf():
@@ -42,20 +42,21 @@ def _gguf():
 
 
 class GGUFExporter:
-    def __init__(self, ggml_type: str):
-        self.ggml_type = ggml_type
-        self.name = f"gguf:{ggml_type}"
-        self.description = f"one .gguf file, linear layers as ggml {ggml_type} (scheme GGUF:{ggml_type.upper()})"
+    def __init__(self, ftype: str):
+        self.ftype = ftype
+        self.name = f"gguf:{ftype}"
+        self.description = f"one .gguf file of llama.cpp file type {ftype.upper()} (scheme GGUF:{ftype.upper()})"
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         _gguf()
         family_of(model.config)
-        for name, spec in plan.quantized.items():
-            if spec.ggml_type != self.ggml_type:
-                raise ExportError(
-                    f"{self.name} packs layers tuned for ggml {self.ggml_type}; {name} is {spec.label()}: "
-                    f"quantize with --scheme GGUF:{self.ggml_type.upper()}"
-                )
+        bad = [f"{n} ({s.label()})" for n, s in plan.quantized.items() if s.ggml_type not in GGML_SPECS]
+        if plan.ggml_ftype != self.ftype or bad:
+            raise ExportError(
+                f"{self.name} holds layers tuned for llama.cpp file type {self.ftype.upper()}; this run is "
+                f"{(plan.ggml_ftype or plan.default.label()).upper()}{' (' + ', '.join(bad[:3]) + ')' if bad else ''}: "
+                f"quantize with --scheme GGUF:{self.ftype.upper()}"
+            )
         for name, t in unique_state_dict(model):
             if gguf_name(family_of(model.config), name) is None:
                 raise ExportError(f"{name} has no GGUF tensor name in the {family_of(model.config).arch} table")
@@ -65,7 +66,7 @@ class GGUFExporter:
 
     def file_name(self, source_dir: str | None) -> str:
         base = Path(source_dir).name if source_dir else "model"
-        return f"{base}-{self.ggml_type}.gguf"
+        return f"{base}-{self.ftype}.gguf"
 
     def write(self, d: Path, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams], tokenizer: Any,
               source_dir: str | None) -> None:
@@ -75,20 +76,21 @@ class GGUFExporter:
         w = gguf.GGUFWriter(str(d / self.file_name(source_dir)), fam.arch)
         w.add_name(Path(source_dir).name if source_dir else "model")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[self.ggml_type]))
+        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{self.ftype.upper()}"))
         for method, value in hyperparameters(fam, config):
             getattr(w, method)(value)
         self._tokenizer(w, tokenizer, source_dir, config.vocab_size)
         qt = gguf.GGMLQuantizationType
-        tied = getattr(config, "tie_word_embeddings", False) and plan.lm_head and not plan.untie_lm_head
+        tied = tied_lm_head(model)
+        types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
         for name, t in unique_state_dict(model):
             target = gguf_name(fam, name)
             if target == "output.weight" and tied:
-                continue
+                continue  # token_embd holds the shared matrix
             layer = name.rsplit(".", 1)[0]
             heads = qk_heads(fam, config, target)
             if layer in qparams and name.endswith(".weight"):
-                data, dtype = pack_blocks(qparams[layer], self.ggml_type), getattr(qt, self.ggml_type.upper())
+                data, dtype = pack_blocks(qparams[layer], types[layer]), getattr(qt, types[layer].upper())
             else:
                 half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16)
                 data = t.detach().to(torch.float16 if half else torch.float32)
@@ -123,4 +125,4 @@ class GGUFExporter:
             w.add_chat_template(meta["chat_template"])
 
 
-EXPORTERS = [GGUFExporter(t) for t in GGML_SPECS]
+EXPORTERS = [GGUFExporter(t) for t in GGUF_FTYPES]

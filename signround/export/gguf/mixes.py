@@ -1,0 +1,154 @@
+"""llama.cpp's per-tensor type choice for a file type (its "mix"), so our GGUF files hold the same
+block types, tensor by tensor, as ``llama-quantize`` writes for the same file type.
+
+The rules follow llama.cpp's ``llama_tensor_get_type`` for dense models (no experts, not Falcon):
+
+* the output matrix, and the token embedding when it is tied to the output, get q6_k (q8_0 when
+  the row does not split into 256-blocks, or for the q8_0 file type);
+* an untied token embedding gets the file type's block type;
+* the _S/_M/_L mixes give more bits to attn_v, ffn_down, attn_output and fused attn_qkv in the
+  layers ``use_more_bits`` picks (the first and last eighth and every third in between);
+* a row length a 256-block type does not divide falls back to a 32-block type
+  (q2_k, q3_k -> q4_0; q4_k -> q5_0; q5_k -> q5_1; q6_k -> q8_0), and one no 32-block type divides
+  stays in floating point.
+
+Layers tuned by SignRound get their type here, before tuning, so tuning, evaluation and the file
+all use the same qdq.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from torch import nn
+
+from ...errors import ConfigError
+from ...model.layers import get_module, get_weight, tied_lm_head
+from ...schemes import FP_BITS, GGML_SPECS, GGUF_FTYPES, QuantSpec
+from .mapping import family_of, gguf_name
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = {t: (256 if t.endswith("_k") else 32) for t in GGML_SPECS}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _mixed(ftype: str, role: str, i: int, n: int, n_gqa: int) -> str | None:
+    """The block type a mix gives a block tensor of this role in layer ``i`` of ``n``, or None for
+    the file type's own block type."""
+    if role == "attn_v":
+        return {
+            "q2_k": "q4_k" if n_gqa >= 4 else "q3_k",
+            "q2_k_s": "q4_k" if n_gqa >= 4 else None,
+            "q3_k_m": "q5_k" if i < 2 else "q4_k",
+            "q3_k_l": "q5_k",
+            "q4_k_m": "q6_k" if _more_bits(i, n) else None,
+            "q5_k_m": "q6_k" if _more_bits(i, n) else None,
+            "q4_k_s": "q5_k" if i < 4 else None,
+        }.get(ftype)
+    if role == "ffn_down":
+        return {
+            "q2_k": "q3_k",
+            "q2_k_s": "q4_k" if i < n // 8 else None,
+            "q3_k_m": "q5_k" if i < n // 16 else "q4_k",
+            "q3_k_l": "q5_k",
+            "q4_k_m": "q6_k" if _more_bits(i, n) else None,
+            "q5_k_m": "q6_k" if _more_bits(i, n) else None,
+            "q4_k_s": "q5_k" if i < n // 8 else None,
+        }.get(ftype)
+    if role == "attn_output":
+        return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ftype)
+    if role == "attn_qkv":
+        return {"q3_k_m": "q4_k", "q3_k_l": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}.get(ftype)
+    return None
+
+
+def with_fallback(ggml_type: str, n_cols: int) -> str | None:
+    """The type a row of ``n_cols`` can hold: the fallback for 256-blocks, None (float) if none fits."""
+    if n_cols % BLOCK_SIZE[ggml_type]:
+        ggml_type = FALLBACK.get(ggml_type, ggml_type)
+    return None if n_cols % BLOCK_SIZE[ggml_type] else ggml_type
+
+
+def tensor_type(ftype: str, gguf_tensor: str, n_cols: int, n_layer: int, n_gqa: int, tied: bool) -> str | None:
+    """llama.cpp's block type for one 2-D tensor of a file type; None keeps it in floating point."""
+    base = GGUF_FTYPES[ftype]
+    if gguf_tensor == "output.weight" or (tied and gguf_tensor == "token_embd.weight"):
+        t = "q8_0" if base == "q8_0" or n_cols % BLOCK_SIZE[base] else "q6_k"
+    elif gguf_tensor == "token_embd.weight":
+        t = base
+    else:
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", gguf_tensor)
+        t = (_mixed(ftype, m.group(2), int(m.group(1)), n_layer, n_gqa) if m else None) or base
+    return with_fallback(t, n_cols)
+
+
+def _spec(ggml_type: str | None) -> QuantSpec:
+    return GGML_SPECS[ggml_type] if ggml_type else QuantSpec(bits=FP_BITS)
+
+
+def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | None) -> tuple[str | None, dict[str, QuantSpec]]:
+    """Give every GGUF layer in ``specs`` its block type (in place); return the file type and the
+    specs of the embedding / output tensors the file type quantizes (applied with RTN after tuning).
+
+    The output layer leaves the tuned set: its type is fixed by the file type, and with tied
+    embeddings it is the embedding, quantized once for both uses, as llama.cpp stores it.
+    """
+    ftypes = {s.ggml_type for s in specs.values() if s.quantized and s.ggml_type is not None}
+    if not ftypes:
+        return None, {}
+    if len(ftypes) > 1 or any(s.quantized and s.ggml_type is None for s in specs.values()):
+        raise_mixed(ftypes)
+    (ftype,) = ftypes
+    config = model.config.get_text_config()
+    fam = family_of(model.config)
+    n_layer = config.num_hidden_layers
+    n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    tied = tied_lm_head(model)
+    kept = []
+    for name, spec in specs.items():
+        if not spec.quantized or name == lm_head:
+            continue
+        n_cols = get_weight(get_module(model, name)).shape[1]
+        target = gguf_name(fam, name + ".weight")
+        t = tensor_type(ftype, target or "", n_cols, n_layer, n_gqa, tied)
+        if t is None:
+            kept.append(f"{name} ({n_cols} inputs)")
+        specs[name] = _spec(t)
+    if kept:
+        logger.warning("kept in floating point, no ggml block type divides their rows: %s", ", ".join(kept))
+    if lm_head is not None and lm_head in specs:
+        specs[lm_head] = QuantSpec(bits=FP_BITS)
+    extras: dict[str, QuantSpec] = {}
+    emb_name = _module_name(model, model.get_input_embeddings())
+    emb_cols = model.get_input_embeddings().weight.shape[1]
+    t = tensor_type(ftype, "token_embd.weight", emb_cols, n_layer, n_gqa, tied)
+    if t is not None:
+        extras[emb_name] = _spec(t)
+    if lm_head is not None and not tied:
+        head = get_module(model, lm_head)
+        t = tensor_type(ftype, "output.weight", get_weight(head).shape[1], n_layer, n_gqa, tied)
+        if t is not None:
+            extras[lm_head] = _spec(t)
+    return ftype, extras
+
+
+def raise_mixed(ftypes: set[Any]) -> None:
+    raise ConfigError(
+        f"a GGUF file has one file type; the layer_config mixes {sorted(str(f) for f in ftypes)} with "
+        "non-GGUF schemes or other GGUF types: use one GGUF scheme (its mix sets per-tensor types) and "
+        "{'bits': 16} entries only"
+    )
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError("the input embedding is not a submodule of the model")
