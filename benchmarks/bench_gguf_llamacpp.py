@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpora" / "wikitext2_test.txt"))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=60)
+    ap.add_argument("--reuse", action="store_true", help="keep files already quantized in --work (no timing)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,11 @@ def main() -> int:
         out = work / name
         if tool == "ours":
             iters = int(rest[0]) if rest else 0
+            setting = "opt-RTN" if iters == 0 else f"SignRound {iters} iters"
+            if args.reuse and list(out.glob("*.gguf")):
+                rows.append({"name": name, "tool": "signround", "ftype": ftype.upper(), "setting": setting,
+                             "file": str(next(out.glob("*.gguf")))})
+                continue
             subprocess.run(["rm", "-rf", str(out)])
             cmd = [sys.executable, "-m", "signround", "--model", args.model, "--scheme", f"GGUF:{ftype.upper()}",
                    "--format", f"gguf:{ftype}", "--iters", iters, "--nsamples", args.nsamples, "--seqlen",
@@ -99,13 +105,19 @@ def main() -> int:
             if res["returncode"]:
                 raise SystemExit((work / f"{name}.log").read_text()[-3000:])
             (file,) = out.glob("*.gguf")
-            row = {"name": name, "tool": "signround", "ftype": ftype.upper(),
-                   "setting": "opt-RTN" if iters == 0 else f"SignRound {iters} iters", "file": str(file), **res}
+            row = {"name": name, "tool": "signround", "ftype": ftype.upper(), "setting": setting, "file": str(file),
+                   **res}
         else:
             file = work / f"{name}.gguf"
             cmd = [bin_dir / "llama-quantize"] + (["--imatrix", imatrix] if rest else []) + [f16, file, ftype.upper(), 2]
             t0 = time.time()
-            sh(cmd, work / f"{name}.log")
+            log = work / f"{name}.log"
+            rc = subprocess.run([str(c) for c in cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT).returncode
+            if rc and "requires an imatrix" in log.read_text():
+                print(f"{name}: llama-quantize refuses {ftype.upper()} without an imatrix", flush=True)
+                continue
+            if rc:
+                raise SystemExit(f"llama-quantize failed ({rc}):\n{log.read_text()[-3000:]}")
             row = {"name": name, "tool": "llama-quantize", "ftype": ftype.upper(),
                    "setting": "imatrix" if rest else "no imatrix", "file": str(file), "seconds": time.time() - t0}
         rows.append(row)
@@ -121,7 +133,8 @@ def main() -> int:
     for r in rows:
         if r["tool"] != "signround":
             continue
-        ref = by_key.get(("llama-quantize", r["ftype"], "no imatrix"))
+        ref = by_key.get(("llama-quantize", r["ftype"], "no imatrix")) or by_key.get(
+            ("llama-quantize", r["ftype"], "imatrix"))
         if ref:
             a, b = tensor_types(Path(r["file"])), tensor_types(Path(ref["file"]))
             r["type_diffs"] = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -40,7 +40,7 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
     p.add_argument("--scheme", default=None,
                    help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "
-                        "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC, GGUF:Q4_0 ... (default W4A16, or the "
+                        "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC, GGUF:Q4_K_M ... (default W4A16, or the "
                         "GGUF scheme of a gguf:TYPE format)")
     p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
     p.add_argument("--group_size", type=int, default=None, help="override the group size (-1: per output channel)")
@@ -76,8 +76,9 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (auto, float32, float16, bfloat16)")
     p.add_argument("--format", default="auto_round",
-                   help="auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:q4_0 (q4_1, q5_0, q5_1, "
-                        "q8_0); comma-separated for several (one subdirectory each)")
+                   help="auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:TYPE (q4_0, q4_1, q5_0, q5_1, "
+                        "q8_0, q2_k, q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k); comma-separated for several "
+                        "(one subdirectory each)")
     p.add_argument("--output_dir", required=True, help="the model is written to exactly this directory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
