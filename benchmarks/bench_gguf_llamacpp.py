@@ -48,6 +48,16 @@ def perplexity(bin_dir: Path, gguf: Path, corpus: Path, ctx: int, chunks: int, l
     return float(m.group(1)), float(m.group(2))
 
 
+def corpus_texts() -> list[str]:
+    """Every text of signround's built-in calibration corpus, in order."""
+    import gzip
+    from importlib import resources
+
+    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
+    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
 def tensor_types(path: Path) -> dict[str, str]:
     from gguf import GGUFReader
 
@@ -65,6 +75,8 @@ def main() -> int:
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpora" / "wikitext2_test.txt"))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=60)
+    ap.add_argument("--heldout_chunks", type=int, default=30,
+                    help="also measure on built-in-corpus texts not used for calibration (0: skip)")
     ap.add_argument("--reuse", action="store_true", help="keep files already quantized in --work (no timing)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -75,6 +87,8 @@ def main() -> int:
     texts = calibration_texts(args.model, args.nsamples, args.seqlen)
     (work / "calib.json").write_text(json.dumps(texts))
     (work / "calib.txt").write_text("\n\n".join(texts))
+    heldout = work / "heldout.txt"
+    heldout.write_text("\n\n".join(t for t in corpus_texts()[len(corpus_texts()) // 2:] if t not in set(texts)))
     f16 = work / "f16.gguf"
     if not f16.exists():
         sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", "f16", "--outfile", f16],
@@ -125,6 +139,9 @@ def main() -> int:
     for row in rows:
         row["ppl"], row["ppl_err"] = perplexity(bin_dir, Path(row["file"]), Path(args.corpus), args.ctx, args.chunks,
                                                 work / f"ppl_{row['name']}.log")
+        if args.heldout_chunks:
+            row["heldout_ppl"], _ = perplexity(bin_dir, Path(row["file"]), heldout, args.ctx, args.heldout_chunks,
+                                               work / f"ppl_heldout_{row['name']}.log")
         row["size_mb"] = Path(row["file"]).stat().st_size / 1e6
         print(f"{row['name']}: ppl {row['ppl']:.3f}", flush=True)
 
@@ -143,12 +160,12 @@ def main() -> int:
     print(f"\nmodel {Path(args.model).name}; calibration {args.nsamples} x {args.seqlen} tokens (imatrix: same "
           f"text, {args.nsamples} chunks of {args.seqlen}); llama-perplexity -c {args.ctx} --chunks {args.chunks} "
           f"on {Path(args.corpus).name}\n")
-    print("| file type | tool | setting | time s | size MB | WikiText-2 PPL (llama.cpp) |")
-    print("|---|---|---|---|---|---|")
+    print("| file type | tool | setting | time s | size MB | WikiText-2 PPL (llama.cpp) | held-out PPL |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         t = f"{r['seconds']:.0f}" if "seconds" in r else ""
         print(f"| {r['ftype']} | {r['tool']} | {r.get('setting', '')} | {t} | {r['size_mb']:.1f} | "
-              f"{r['ppl']:.3f} ± {r['ppl_err']:.3f} |")
+              f"{r['ppl']:.3f} ± {r['ppl_err']:.3f} | {r.get('heldout_ppl', float('nan')):.3f} |")
     for r in rows:
         if "type_diffs" in r:
             print(f"\n{r['name']}: tensor types differing from llama-quantize's {r['ftype']}: "

@@ -29,7 +29,7 @@ def test_gguf_loads_in_transformers_with_our_logits(stories_dir, tmp_path, ggml_
     # down_proj has 172 inputs: ggml blocks of 32 do not divide it, so it stays in floating point
     assert not ar.plan.specs["model.layers.0.mlp.down_proj"].quantized
     out = ar.save_quantized(tmp_path / "o", format=f"gguf:{ggml_type}", inplace=False)
-    files = [p.name for p in out.iterdir()]
+    files = [p.name for p in out.glob("*.gguf")]
     assert files == [f"{stories_dir.name}-{ggml_type}.gguf"]
     hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=files[0], dtype=torch.float32)
     assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)
@@ -43,7 +43,7 @@ def test_cli_gguf_format_implies_the_scheme(stories_dir, tmp_path):
     rc = main(["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--format", "gguf:q4_0",
                "--output_dir", str(out)])
     assert rc == 0
-    assert [p.suffix for p in out.iterdir()] == [".gguf"]
+    assert [p.suffix for p in out.iterdir()] == [".gguf"]  # plain RTN: no tuning log beside it
 
 
 def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
@@ -114,7 +114,7 @@ def test_k_quant_mix_loads_in_transformers_with_our_logits(wide_dirs, tmp_path, 
     ar = AutoRound(str(src), scheme=f"GGUF:{ftype.upper()}", iters=0, nsamples=4, seqlen=32, batch_size=4)
     model, _ = ar.quantize()
     out = ar.save_quantized(tmp_path / "o", format=f"gguf:{ftype}", inplace=False)
-    (f,) = out.iterdir()
+    (f,) = out.glob("*.gguf")
     types = {t.name.removesuffix(".weight"): t.tensor_type.name for t in GGUFReader(str(f)).tensors}
     assert {k: types[k] for k in K_MIXES[ftype]} == K_MIXES[ftype]
     hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)
@@ -129,7 +129,7 @@ def test_tied_embedding_is_quantized_once_as_the_output(wide_dirs, tmp_path):
     model, _ = ar.quantize()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     out = ar.save_quantized(tmp_path / "o", format="gguf:q4_k_m", inplace=False)
-    (f,) = out.iterdir()
+    (f,) = out.glob("*.gguf")
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(f)).tensors}
     assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types
     hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)

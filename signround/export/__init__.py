@@ -80,10 +80,10 @@ def save(
             d.mkdir(exist_ok=True)
             if hasattr(exporter, "write"):  # single-file containers (gguf)
                 exporter.write(d, model, plan, qparams, tokenizer, source_dir)
-                continue
-            write_safetensors(d, exporter.tensors(model, plan, qparams), **kwargs)
-            write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
-            write_tokenizer(d, tokenizer, source_dir)
+            else:
+                write_safetensors(d, exporter.tensors(model, plan, qparams), **kwargs)
+                write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
+                write_tokenizer(d, tokenizer, source_dir)
             for fname, text in (extra_files or {}).items():
                 (d / fname).write_text(text)
     out = Path(output_dir).expanduser().absolute()
