@@ -141,3 +141,20 @@ def test_k_quant_signround_tunes_below_its_rtn(wide_dirs):
     ar.quantize()
     for block, stats in ar.result.block_stats.items():
         assert stats["loss_final"] < stats["loss_rtn"], block
+
+
+def test_gguf_and_other_formats_from_one_run(wide_dirs, tmp_path):
+    """The same tuned weights as GGUF, auto_round and fake: the file type's embedding / output
+    quantization reaches the other formats as float qdq values, not as packed layers."""
+    from transformers import AutoModelForCausalLM
+
+    from signround import load_quantized
+
+    ar = AutoRound(str(wide_dirs[False]), scheme="GGUF:Q4_0", iters=0, nsamples=4, seqlen=32, batch_size=4)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_0,auto_round,fake")
+    (f,) = (out / "gguf-q4_0").glob("*.gguf")
+    ref = _logits(model)
+    for m in (AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32),
+              load_quantized(str(out / "auto_round")),
+              AutoModelForCausalLM.from_pretrained(str(out / "fake"), dtype=torch.float32)):
+        assert torch.allclose(_logits(m), ref, atol=1e-5, rtol=1e-5)

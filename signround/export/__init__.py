@@ -80,8 +80,9 @@ def save(
             d.mkdir(exist_ok=True)
             if hasattr(exporter, "write"):  # single-file containers (gguf)
                 exporter.write(d, model, plan, qparams, tokenizer, source_dir)
-            else:
-                write_safetensors(d, exporter.tensors(model, plan, qparams), **kwargs)
+            else:  # a GGUF mix's embedding / output stay float here: their qdq values, unpacked
+                packed = {n: qp for n, qp in qparams.items() if n in plan.quantized}
+                write_safetensors(d, exporter.tensors(model, plan, packed), **kwargs)
                 write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
                 write_tokenizer(d, tokenizer, source_dir)
             for fname, text in (extra_files or {}).items():
