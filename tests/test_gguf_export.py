@@ -59,25 +59,31 @@ def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
         resolve_scheme("GGUF:Q4_0", bits=8)
 
 
-def _wide_llama(root, stories_dir, tied: bool):
-    """stories260K's tokenizer on a random Llama whose rows split into 256-blocks (k-quants need
+def _wide_llama(root, stories_dir, tied: bool, family: str = "llama"):
+    """stories260K's tokenizer on a random model whose rows split into 256-blocks (k-quants need
     them): hidden 256, intermediate 512, 8 layers, 8 heads over 2 kv heads (n_gqa 4)."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    out = root / f"wide-{'tied' if tied else 'untied'}"
+    out = root / f"wide-{family}-{'tied' if tied else 'untied'}"
     if out.exists():
         return out
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    config_cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                  "qwen3": "Qwen3Config", "phi3": "Phi3Config"}[family]
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.05)
+            elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
+                p.normal_(0, 0.05)  # q/k/v biases
     model.save_pretrained(out)
     for f in stories_dir.iterdir():
         if "token" in f.name:
@@ -158,3 +164,17 @@ def test_gguf_and_other_formats_from_one_run(wide_dirs, tmp_path):
               load_quantized(str(out / "auto_round")),
               AutoModelForCausalLM.from_pretrained(str(out / "fake"), dtype=torch.float32)):
         assert torch.allclose(_logits(m), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_families_load_in_transformers_with_our_logits(tmp_path_factory, stories_dir, tmp_path, family):
+    """Each family's table (names, fused Phi-3 tensors, Qwen biases and q/k norms, q/k permutation)
+    gives transformers' GGUF loader the model we quantized."""
+    from transformers import AutoModelForCausalLM
+
+    src = _wide_llama(tmp_path_factory.mktemp(family), stories_dir, False, family)
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32, batch_size=4)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    (f,) = out.glob("*.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)
+    assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)

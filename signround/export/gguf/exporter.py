@@ -79,7 +79,7 @@ class GGUFExporter:
         w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{self.ftype.upper()}"))
         for method, value in hyperparameters(fam, config):
             getattr(w, method)(value)
-        self._tokenizer(w, tokenizer, source_dir, config.vocab_size)
+        self._tokenizer(w, tokenizer, source_dir, config)
         qt = gguf.GGMLQuantizationType
         tied = tied_lm_head(model)
         types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
@@ -105,8 +105,11 @@ class GGUFExporter:
         w.close()
 
     @staticmethod
-    def _tokenizer(w, tokenizer: Any, source_dir: str | None, vocab_size: int) -> None:
-        meta = vocab_metadata(tokenizer, source_dir, vocab_size)
+    def _tokenizer(w, tokenizer: Any, source_dir: str | None, config: Any) -> None:
+        meta = vocab_metadata(tokenizer, source_dir, config.vocab_size)
+        pad = getattr(config, "pad_token_id", None)
+        if "pad_id" not in meta and isinstance(pad, int) and 0 <= pad < config.vocab_size:
+            meta["pad_id"] = pad  # the model's own pad id; loaders otherwise assume an architecture default
         w.add_tokenizer_model(meta["model"])
         w.add_tokenizer_pre(meta["pre"])
         w.add_token_list(meta["tokens"])

@@ -46,11 +46,21 @@ _QK_NORM = {
     "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
 }
 
+# Phi-3 keeps q/k/v and gate/up fused; llama.cpp's phi3 graph takes them fused too (NEOX rope: no permutation)
+_PHI3_TENSORS = {
+    **{k: v for k, v in _LLAMA_TENSORS.items() if "_proj" not in k},
+    "model.layers.{i}.self_attn.qkv_proj.weight": "blk.{i}.attn_qkv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.mlp.gate_up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
     "mistral": Family("llama", True, _LLAMA_TENSORS),
     "qwen2": Family("qwen2", False, {**_LLAMA_TENSORS, **_BIASES}),
     "qwen3": Family("qwen3", False, {**_LLAMA_TENSORS, **_QK_NORM}),
+    "phi3": Family("phi3", False, _PHI3_TENSORS),
 }
 
 
@@ -101,13 +111,15 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[Callable, Any]]:
         ("add_feed_forward_length", config.intermediate_size),
         ("add_head_count", config.num_attention_heads),
         ("add_head_count_kv", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-        ("add_rope_dimension_count", head_dim),
+        ("add_rope_dimension_count", int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))),
         ("add_rope_freq_base", float(theta)),
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
     ]
     if fam.arch in ("qwen3",) or head_dim * config.num_attention_heads != config.hidden_size:
         kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
+    if fam.arch == "phi3" and getattr(config, "sliding_window", None):
+        kv.append(("add_sliding_window", config.sliding_window))
     scaling = rope.get("rope_type", "default")
     if scaling not in ("default", None):
         raise ExportError(f"rope scaling {scaling!r} is not mapped to GGUF yet; use --format auto_round")
