@@ -178,3 +178,10 @@ def test_families_load_in_transformers_with_our_logits(tmp_path_factory, stories
     (f,) = out.glob("*.gguf")
     hf = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f.name, dtype=torch.float32)
     assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_formats_refuse_k_quants_naming_gguf(stories_dir, tmp_path):
+    ar = AutoRound(str(stories_dir), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32)
+    with pytest.raises(ExportError, match="gguf:q4_k_m"):
+        ar.quantize_and_save(tmp_path / "o", format="auto_gptq")
+    assert ar.result is None and not (tmp_path / "o").exists()

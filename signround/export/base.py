@@ -39,9 +39,11 @@ class PackedExporter:
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         for name, spec in plan.quantized.items():
             if spec.data_type != "int" or spec.bits not in (2, 3, 4, 8):
+                fix = (f"--format gguf:{plan.ggml_ftype}" if plan.ggml_ftype
+                       else "--format llm_compressor (compressed-tensors, what vLLM loads)")
                 raise ExportError(
                     f"{self.name} holds 2/3/4/8-bit integer weights with zero points and cannot hold {name} "
-                    f"({spec.label()}); use --format llm_compressor (compressed-tensors, what vLLM loads) or fake"
+                    f"({spec.label()}); use {fix} or fake"
                 )
 
     def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
