@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_vs_upstream import calibration_texts, measure  # noqa: E402
+from bench_vs_upstream import calibration_texts, corpus_texts, measure  # noqa: E402
 from build_llamacpp import ensure_llamacpp  # noqa: E402
 
 REPO = HERE.parent
@@ -46,16 +46,6 @@ def perplexity(bin_dir: Path, gguf: Path, corpus: Path, ctx: int, chunks: int, l
     if not m:
         raise SystemExit(f"no perplexity in {log}")
     return float(m.group(1)), float(m.group(2))
-
-
-def corpus_texts() -> list[str]:
-    """Every text of signround's built-in calibration corpus, in order."""
-    import gzip
-    from importlib import resources
-
-    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
-    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-        return [json.loads(line)["text"] for line in f]
 
 
 def tensor_types(path: Path) -> dict[str, str]:
@@ -88,7 +78,8 @@ def main() -> int:
     (work / "calib.json").write_text(json.dumps(texts))
     (work / "calib.txt").write_text("\n\n".join(texts))
     heldout = work / "heldout.txt"
-    heldout.write_text("\n\n".join(t for t in corpus_texts()[len(corpus_texts()) // 2:] if t not in set(texts)))
+    corpus, used = corpus_texts(), set(texts)
+    heldout.write_text("\n\n".join(t for t in corpus[len(corpus) // 2:] if t not in used))
     f16 = work / "f16.gguf"
     if not f16.exists():
         sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", "f16", "--outfile", f16],

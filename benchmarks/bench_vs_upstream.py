@@ -70,23 +70,27 @@ def parse_run(spec: str) -> dict:
     return run
 
 
-def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:
-    """The first nsamples texts of the built-in corpus that have >= seqlen tokens (deterministic)."""
+def corpus_texts() -> list[str]:
+    """Every text of signround's built-in calibration corpus, in order."""
     import gzip
     from importlib import resources
 
+    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
+    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:
+    """The first nsamples texts of the built-in corpus that have >= seqlen tokens (deterministic)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
     out = []
-    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            if len(tok(text)["input_ids"]) >= seqlen + 8:
-                out.append(text)
-            if len(out) == nsamples:
-                break
+    for text in corpus_texts():
+        if len(tok(text)["input_ids"]) >= seqlen + 8:
+            out.append(text)
+        if len(out) == nsamples:
+            break
     return out
 
 

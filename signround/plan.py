@@ -18,7 +18,7 @@ from .model.layers import (
     quantizable_layer_names,
     tied_lm_head,
 )
-from .schemes import FP_BITS, QuantSpec, resolve_layer_specs
+from .schemes import QuantSpec, resolve_layer_specs
 
 logger = logging.getLogger(__name__)
 

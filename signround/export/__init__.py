@@ -81,7 +81,8 @@ def save(
             if hasattr(exporter, "write"):  # single-file containers (gguf)
                 exporter.write(d, model, plan, qparams, tokenizer, source_dir)
             else:  # a GGUF mix's embedding / output stay float here: their qdq values, unpacked
-                packed = {n: qp for n, qp in qparams.items() if n in plan.quantized}
+                quantized = plan.quantized
+                packed = {n: qp for n, qp in qparams.items() if n in quantized}
                 write_safetensors(d, exporter.tensors(model, plan, packed), **kwargs)
                 write_config(d, model, exporter.quantization_config(plan, extra_config or {}, model))
                 write_tokenizer(d, tokenizer, source_dir)

@@ -43,12 +43,21 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, torch.ones_like(x), x)
 
 
-def _check(w: torch.Tensor, spec: QuantSpec) -> None:
+def _check(w: torch.Tensor) -> None:
     if w.shape[1] % SUPER_BLOCK:
         raise ValueError(
             f"k-quants pack rows in super-blocks of {SUPER_BLOCK}; this weight has {w.shape[1]} inputs "
             "(the plan falls such layers back to a 32-block type)"
         )
+
+
+def _codes(x: torch.Tensor, es: torch.Tensor, v: Optional[torch.Tensor], gs: int, lo: int, hi: int) -> torch.Tensor:
+    """Integer codes of grouped ``x`` under effective sub-block scales ``es``, with rounding offsets."""
+    x = x / _safe(es).unsqueeze(-1)
+    if v is not None:
+        x = x + to_groups(v.float(), gs)
+    q = torch.clamp(round_ste(x), lo, hi)
+    return torch.where(es.unsqueeze(-1) == 0, torch.zeros_like(q), q)
 
 
 def qdq_int_asym_dq(
@@ -58,7 +67,7 @@ def qdq_int_asym_dq(
     min_scale: Optional[torch.Tensor] = None,
     max_scale: Optional[torch.Tensor] = None,
 ) -> "tuple[torch.Tensor, QParams]":
-    _check(w, spec)
+    _check(w)
     gs, maxq = spec.group_size, 2**spec.bits - 1
     smax = 2 ** ASYM_SCALE_BITS[spec.bits] - 1
     in_f = w.shape[1]
@@ -73,11 +82,7 @@ def qdq_int_asym_dq(
     mn = torch.clamp(round_ste(m3 / _safe(dmin)), 0, smax)
     es = (d * sc).reshape_as(s)
     em = (dmin * mn).reshape_as(m)
-    x = (wg + em.unsqueeze(-1)) / _safe(es).unsqueeze(-1)
-    if v is not None:
-        x = x + to_groups(v.float(), gs)
-    q = torch.clamp(round_ste(x), 0, maxq)
-    q = torch.where(es.unsqueeze(-1) == 0, torch.zeros_like(q), q)
+    q = _codes(wg + em.unsqueeze(-1), es, v, gs, 0, maxq)
     dq = es.unsqueeze(-1) * q - em.unsqueeze(-1)
     qp = QParams(
         scale=es.detach(),
@@ -99,7 +104,7 @@ def qdq_int_sym_dq(
     min_scale: Optional[torch.Tensor] = None,
     max_scale: Optional[torch.Tensor] = None,
 ) -> "tuple[torch.Tensor, QParams]":
-    _check(w, spec)
+    _check(w)
     gs, half = spec.group_size, 2 ** (spec.bits - 1)
     shalf = 2 ** (SYM_SCALE_BITS[spec.bits] - 1)
     in_f = w.shape[1]
@@ -112,11 +117,7 @@ def qdq_int_sym_dq(
     d = to_scale_dtype(torch.gather(s3, -1, idx) / -shalf)
     sc = torch.clamp(round_ste(s3 / _safe(d)), -shalf, shalf - 1)
     es = (d * sc).reshape_as(s)
-    x = wg / _safe(es).unsqueeze(-1)
-    if v is not None:
-        x = x + to_groups(v.float(), gs)
-    q = torch.clamp(round_ste(x), -half, half - 1)
-    q = torch.where(es.unsqueeze(-1) == 0, torch.zeros_like(q), q)
+    q = _codes(wg, es, v, gs, -half, half - 1)
     dq = es.unsqueeze(-1) * q
     qp = QParams(
         scale=es.detach(),

@@ -29,10 +29,8 @@ def compact(qp: QParams) -> QParams:
         scale=qp.scale.cpu(),
         zero=qp.zero.cpu(),
         codes=qp.codes.to("cpu", torch.uint8),
-        global_scale=None if qp.global_scale is None else qp.global_scale.cpu(),
-        input_amax=None if qp.input_amax is None else qp.input_amax.cpu(),
-        super_scale=None if qp.super_scale is None else qp.super_scale.cpu(),
-        super_min=None if qp.super_min is None else qp.super_min.cpu(),
+        **{f: getattr(qp, f).cpu() for f in ("global_scale", "input_amax", "super_scale", "super_min")
+           if getattr(qp, f) is not None},
     )
 
 

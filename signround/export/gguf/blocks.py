@@ -110,9 +110,11 @@ def _codes_of(eff: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _planes(q: torch.Tensor, rows: int, cols: int, width: int) -> torch.Tensor:
-    """Spread ``[n, rows * cols]`` small codes over ``cols`` bytes: plane r at bits ``width * r``."""
-    q = q.reshape(q.shape[0], rows, cols)
-    return sum(((q[:, r] & ((1 << width) - 1)) << (width * r)) for r in range(rows)).to(torch.uint8)
+    """Spread small codes over bytes, chunk by chunk: each chunk of ``rows * cols`` codes becomes
+    ``cols`` bytes, code ``r * cols + c`` of the chunk at bits ``width * r`` of byte ``c``."""
+    q = q.reshape(q.shape[0], -1, rows, cols)
+    packed = sum(((q[:, :, r] & ((1 << width) - 1)) << (width * r)) for r in range(rows))
+    return packed.reshape(q.shape[0], -1).to(torch.uint8)
 
 
 def _scales_k4(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
@@ -126,19 +128,14 @@ def _scales_k4(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
 def _pack_q2_k(qp: QParams) -> torch.Tensor:
     q, sc, mn = _super(qp)
     scales = (sc | (mn << 4)).to(torch.uint8)
-    qs = torch.cat([_planes(q[:, h * 128:(h + 1) * 128], 4, 32, 2) for h in range(2)], dim=1)
-    return torch.cat([scales, qs, _f16_bytes(qp.super_scale), _f16_bytes(qp.super_min)], dim=1)
+    return torch.cat([scales, _planes(q, 4, 32, 2), _f16_bytes(qp.super_scale), _f16_bytes(qp.super_min)], dim=1)
 
 
 def _pack_q3_k(qp: QParams) -> torch.Tensor:
     q, sc, _ = _super(qp)  # codes 0..7 = value + 4; the hmask bit is bit 2 of the code
-    hmask = _planes(q >> 2, 8, 32, 1)
-    qs = torch.cat([_planes(q[:, h * 128:(h + 1) * 128], 4, 32, 2) for h in range(2)], dim=1)
-    u = sc + 32  # 6-bit
-    low = torch.cat([(u[:, :8] & 0xF) | ((u[:, 8:] & 0xF) << 4)], dim=1)
-    high = _planes(u >> 4, 4, 4, 2)
-    scales = torch.cat([low, high], dim=1).to(torch.uint8)
-    return torch.cat([hmask, qs, scales, _f16_bytes(qp.super_scale)], dim=1)
+    u = sc + 32  # 6-bit: low nibbles two to a byte, then the high 2 bits four to a byte
+    scales = torch.cat([_planes(u, 2, 8, 4), _planes(u >> 4, 4, 4, 2)], dim=1)
+    return torch.cat([_planes(q >> 2, 8, 32, 1), _planes(q, 4, 32, 2), scales, _f16_bytes(qp.super_scale)], dim=1)
 
 
 def _pack_q45_k(qp: QParams, bits: int) -> torch.Tensor:
@@ -146,16 +143,14 @@ def _pack_q45_k(qp: QParams, bits: int) -> torch.Tensor:
     parts = [_f16_bytes(qp.super_scale), _f16_bytes(qp.super_min), _scales_k4(sc, mn)]
     if bits == 5:
         parts.append(_planes(q >> 4, 8, 32, 1))
-    parts.append(torch.cat([_planes(q[:, c * 64:(c + 1) * 64], 2, 32, 4) for c in range(4)], dim=1))
+    parts.append(_planes(q, 2, 32, 4))
     return torch.cat(parts, dim=1)
 
 
 def _pack_q6_k(qp: QParams) -> torch.Tensor:
     q, sc, _ = _super(qp)  # codes 0..63 = value + 32
-    ql = torch.cat([_planes(q[:, h * 128:(h + 1) * 128], 2, 64, 4) for h in range(2)], dim=1)
-    qh = torch.cat([_planes(q[:, h * 128:(h + 1) * 128] >> 4, 4, 32, 2) for h in range(2)], dim=1)
     scales = sc.to(torch.int8).view(torch.uint8)
-    return torch.cat([ql, qh, scales, _f16_bytes(qp.super_scale)], dim=1)
+    return torch.cat([_planes(q, 2, 64, 4), _planes(q >> 4, 4, 32, 2), scales, _f16_bytes(qp.super_scale)], dim=1)
 
 
 # ggml type -> (data_type, bits, symmetric, packer)

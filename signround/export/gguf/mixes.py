@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
-
 from torch import nn
 
 from ...errors import ConfigError
@@ -104,7 +102,10 @@ def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | No
     if not ftypes:
         return None, {}
     if len(ftypes) > 1 or any(s.quantized and s.ggml_type is None for s in specs.values()):
-        raise_mixed(ftypes)
+        raise ConfigError(
+            f"a GGUF file has one file type; the layer_config mixes {sorted(ftypes)} with non-GGUF schemes or "
+            "other GGUF types: use one GGUF scheme (its mix sets per-tensor types) and {'bits': 16} entries only"
+        )
     (ftype,) = ftypes
     config = model.config.get_text_config()
     fam = family_of(model.config)
@@ -137,14 +138,6 @@ def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | No
         if t is not None:
             extras[lm_head] = _spec(t)
     return ftype, extras
-
-
-def raise_mixed(ftypes: set[Any]) -> None:
-    raise ConfigError(
-        f"a GGUF file has one file type; the layer_config mixes {sorted(str(f) for f in ftypes)} with "
-        "non-GGUF schemes or other GGUF types: use one GGUF scheme (its mix sets per-tensor types) and "
-        "{'bits': 16} entries only"
-    )
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
