@@ -84,10 +84,13 @@ def main() -> int:
     if not f16.exists():
         sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", "f16", "--outfile", f16],
            work / "convert.log")
-    imatrix = work / "imatrix.gguf"
+    imatrix, imatrix_src = work / "imatrix.gguf", work / "imatrix.calib.txt"
+    if imatrix.exists() and not (imatrix_src.exists() and imatrix_src.read_text() == (work / "calib.txt").read_text()):
+        imatrix.unlink()  # made from other calibration text
     if any(r.endswith(":imatrix") for r in args.runs.split(",")) and not imatrix.exists():
         sh([bin_dir / "llama-imatrix", "-m", f16, "-f", work / "calib.txt", "-c", args.seqlen, "--chunks",
             args.nsamples, "-t", 2, "-o", imatrix], work / "imatrix.log")
+        imatrix_src.write_text((work / "calib.txt").read_text())
 
     rows = [{"name": "f16", "tool": "llama.cpp convert", "ftype": "F16", "file": str(f16)}]
     for spec in args.runs.split(","):
