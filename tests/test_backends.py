@@ -1,5 +1,7 @@
 """Every QuantLinear backend computes what dequantize-then-matmul computes, and the choice is right."""
 
+import os
+
 import pytest
 import torch
 
@@ -49,6 +51,41 @@ def test_backend_matches_dequantize_then_matmul(backend, case, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     scale = ref.abs().max().item()
     assert (got - ref).abs().max().item() <= tol * scale, backend
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != 3],
+                         ids=lambda c: "W{}G{}{}-{}-{}x{}".format(c[0], c[1], "" if c[2] else "A", *c[3:]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_kernel_matches_dequantize_then_matmul(case, dtype):
+    """The CUDA kernel's numerics; without a GPU, run on CPU by Triton's interpreter (conftest sets
+    TRITON_INTERPRET=1 before triton is imported)."""
+    pytest.importorskip("triton", reason="pip install triton (the triton extra)")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    bits, gs, sym, packing, out_f, in_f = case
+    ql, dq = make_layer(bits, gs, sym, packing, out_f, in_f, bias=True)
+    ql.to(dev)
+    b = BACKENDS["triton"]
+    assert b.requires() is None and b.supports(ql)
+    x = torch.randn(3, 7, in_f, device=dev)  # 21 rows: a partial 16-row tile
+    got = b.compute(ql, b.prepare(ql, dev, dtype), x.to(dtype)).double().cpu()
+    ref = x.to(dtype).double().cpu() @ dq.double().t() + ql.bias.double().cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_triton_is_for_cuda_and_a_missing_better_backend_is_named(monkeypatch, caplog):
+    from dataclasses import replace
+
+    ql, _ = make_layer(4, 64, True, "auto_round:auto_gptq", 32, 256)
+    assert BACKENDS["triton"] not in candidates(ql, "cpu")  # compiled kernels need a GPU
+    assert BACKENDS["triton"].bits == (2, 4, 8)  # 3-bit codes straddle words
+    # a better backend whose package is absent: the one log line says what to install
+    fast = replace(BACKENDS["torch"], name="fast", devices=("cpu",), priority=99,
+                   requires=lambda: "fastpkg (pip install fastpkg)")
+    monkeypatch.setitem(BACKENDS, "fast", fast)
+    assign(torch.nn.Sequential(ql), "cpu")
+    assert ql.backend != "fast" and "backend fast needs fastpkg (pip install fastpkg)" in caplog.text
 
 
 def test_kernel_backends_take_the_layers_they_are_for():

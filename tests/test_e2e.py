@@ -110,3 +110,14 @@ def test_output_files_and_sharding(stories_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     assert_reload_matches(ar, tmp_path / "q", 512)
     assert ar.summary["layers"] == {"W4G128 sym": 35}
+
+
+def test_loaded_model_generates_what_the_qdq_model_generates(stories_dir, tmp_path):
+    ar = rtn(stories_dir, scheme="W4A16", group_size=32)
+    ar.quantize_and_save(tmp_path / "q")
+    loaded = load_quantized(str(tmp_path / "q"))
+    prompt = torch.tensor([[1, 403, 407, 261, 365]])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want, got = ar.model.generate(prompt, **kw), loaded.generate(prompt, **kw)
+    assert got.shape == (1, 17) and torch.equal(got, want)

@@ -57,6 +57,11 @@ def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
     assert not (tmp_path / "b").exists()
     with pytest.raises(ConfigError, match="GGUF q4_0 is 4-bit"):
         resolve_scheme("GGUF:Q4_0", bits=8)
+    # llama.cpp scales Gemma3 attention by 1/sqrt(head_dim) and has no key for another scale
+    with pytest.raises(ExportError, match="query_pre_attn_scalar=256"):
+        AutoRound(str(tiny_model_dir("gemma3")), scheme="GGUF:Q4_0", iters=0).quantize_and_save(
+            tmp_path / "c", format="gguf:q4_0")
+    assert not (tmp_path / "c").exists()
 
 
 def _wide_llama(root, stories_dir, tied: bool, family: str = "llama"):
@@ -71,11 +76,13 @@ def _wide_llama(root, stories_dir, tied: bool, family: str = "llama"):
     if out.exists():
         return out
     config_cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                  "qwen3": "Qwen3Config", "phi3": "Phi3Config"}[family]
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0)
+                  "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}[family]
+    kw = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+    if family == "gemma3":  # head_dim 256 = query_pre_attn_scalar as released; a window shorter than the text
+        kw.update(head_dim=256, num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    cfg = getattr(transformers, config_cls)(**kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -84,6 +91,8 @@ def _wide_llama(root, stories_dir, tied: bool, family: str = "llama"):
                 p.normal_(0, 0.05)
             elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
                 p.normal_(0, 0.05)  # q/k/v biases
+            elif family == "gemma3" and p.dim() == 1:
+                p.normal_(0, 0.1)  # norms are stored as 1 + w: a random w checks the shift
     model.save_pretrained(out)
     for f in stories_dir.iterdir():
         if "token" in f.name:
@@ -166,10 +175,10 @@ def test_gguf_and_other_formats_from_one_run(wide_dirs, tmp_path):
         assert torch.allclose(_logits(m), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma3"])
 def test_families_load_in_transformers_with_our_logits(tmp_path_factory, stories_dir, tmp_path, family):
-    """Each family's table (names, fused Phi-3 tensors, Qwen biases and q/k norms, q/k permutation)
-    gives transformers' GGUF loader the model we quantized."""
+    """Each family's table (names, fused Phi-3 tensors, Qwen biases and q/k norms, q/k permutation,
+    Gemma3's four norms per layer stored as 1 + w) gives transformers' GGUF loader the model we quantized."""
     from transformers import AutoModelForCausalLM
 
     src = _wide_llama(tmp_path_factory.mktemp(family), stories_dir, False, family)
@@ -185,3 +194,13 @@ def test_packed_formats_refuse_k_quants_naming_gguf(stories_dir, tmp_path):
     with pytest.raises(ExportError, match="gguf:q4_k_m"):
         ar.quantize_and_save(tmp_path / "o", format="auto_gptq")
     assert ar.result is None and not (tmp_path / "o").exists()
+
+
+def test_vision_language_gemma3_is_refused_naming_the_text_model():
+    from types import SimpleNamespace
+
+    from signround.export.gguf.mapping import family_of
+
+    with pytest.raises(ExportError, match="Gemma3ForCausalLM"):
+        family_of(SimpleNamespace(model_type="gemma3"))
+    assert family_of(SimpleNamespace(model_type="gemma3_text")).arch == "gemma3"

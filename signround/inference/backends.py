@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from . import triton_kernel
+
 if TYPE_CHECKING:
     from .qlinear import QuantLinear
 
@@ -127,6 +129,9 @@ BACKENDS: dict[str, Backend] = {
         Backend("int4_cpu", ("cpu",), (4,), 20, "packed",
                 "aten::_weight_int4pack_mm_for_cpu, 4-bit groups of 32/64/128/256", _int4_supported, _int4_prepare,
                 _int4_compute, _has_op("_weight_int4pack_mm_for_cpu")),
+        Backend("triton", ("cuda",), (2, 4, 8), 40, "packed",
+                "Triton kernel fusing unpack, dequantize and matmul; 2/4/8 bits, any group size",
+                lambda layer: True, triton_kernel.prepare, triton_kernel.matmul, triton_kernel.missing),
     )
 }
 
@@ -162,11 +167,19 @@ def assign(model: torch.nn.Module, device: torch.device | str, wanted: str = "au
     from .qlinear import QuantLinear
 
     counts: Counter = Counter()
+    missing: dict[str, str] = {}  # better backends this machine lacks a package for -> what to install
+    dev = torch.device(device).type
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.set_backend(choose(m, device, wanted))
+            chosen = choose(m, device, wanted)
+            m.set_backend(chosen)
             counts[m.backend] += 1
+            for b in BACKENDS.values():
+                if (b.priority > chosen.priority and dev in b.devices and m.bits in b.bits
+                        and b.name not in missing and (need := b.requires()) is not None):
+                    missing[b.name] = need
     if counts:
-        logger.info("QuantLinear backends on %s: %s", torch.device(device).type,
-                    ", ".join(f"{n} x{c}" for n, c in counts.most_common()))
+        hint = "".join(f"; backend {n} needs {need}" for n, need in missing.items())
+        logger.info("QuantLinear backends on %s: %s%s", dev, ", ".join(f"{n} x{c}" for n, c in counts.most_common()),
+                    hint)
     return counts

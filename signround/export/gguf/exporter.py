@@ -49,7 +49,7 @@ class GGUFExporter:
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         _gguf()
-        family_of(model.config)
+        hyperparameters(family_of(model.config), model.config.get_text_config())  # refuses what llama.cpp would misread
         bad = [f"{n} ({s.label()})" for n, s in plan.quantized.items() if s.ggml_type not in GGML_SPECS]
         if plan.ggml_ftype != self.ftype or bad:
             raise ExportError(
@@ -94,6 +94,8 @@ class GGUFExporter:
             else:
                 half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16)
                 data = t.detach().to(torch.float16 if half else torch.float32)
+                if fam.norm_shift and target.endswith("norm.weight"):
+                    data = data + fam.norm_shift
                 dtype = qt.F16 if half else qt.F32
             if heads:
                 data = permute_rows(data, heads)

@@ -3,13 +3,15 @@
 Only families listed here are exported; anything else is refused before tuning with the list.
 Llama-family q/k weights are permuted from Hugging Face's rotate-half rope layout to the
 interleaved one llama.cpp computes with (rows only, so packed blocks are permuted as rows too).
+Gemma3's RMSNorm multiplies by ``1 + weight``; llama.cpp multiplies by the stored weight, so its
+norm weights are written shifted by +1.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,6 +24,7 @@ class Family:
     permute_qk: bool = False
     # HF name (with {i} for the block index) -> GGUF name
     tensors: dict[str, str] = field(default_factory=dict)
+    norm_shift: float = 0.0  # added to every "*norm.weight" tensor
 
 
 _LLAMA_TENSORS = {
@@ -55,17 +58,32 @@ _PHI3_TENSORS = {
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 
+# Gemma3: four norms per layer (sandwich norms around attention and MLP) plus q/k norms
+_GEMMA3_TENSORS = {
+    **_LLAMA_TENSORS,
+    **_QK_NORM,
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
     "mistral": Family("llama", True, _LLAMA_TENSORS),
     "qwen2": Family("qwen2", False, {**_LLAMA_TENSORS, **_BIASES}),
     "qwen3": Family("qwen3", False, {**_LLAMA_TENSORS, **_QK_NORM}),
     "phi3": Family("phi3", False, _PHI3_TENSORS),
+    "gemma3_text": Family("gemma3", False, _GEMMA3_TENSORS, norm_shift=1.0),
 }
 
 
 def family_of(config: Any) -> Family:
     fam = FAMILIES.get(getattr(config, "model_type", None))
+    if getattr(config, "model_type", None) == "gemma3":
+        raise ExportError(
+            "GGUF export of Gemma3 covers the text model (Gemma3ForCausalLM, model_type gemma3_text); this is the "
+            "vision-language Gemma3ForConditionalGeneration: use --format auto_round or llm_compressor"
+        )
     if fam is None:
         raise ExportError(
             f"GGUF export supports the model families {', '.join(sorted(FAMILIES))}; this model is "
@@ -99,11 +117,40 @@ def qk_heads(fam: Family, config: Any, gguf_tensor: str) -> int | None:
     return None
 
 
-def hyperparameters(fam: Family, config: Any) -> list[tuple[Callable, Any]]:
+def _rope(config: Any) -> tuple[dict, dict | None]:
+    """(global-layer rope parameters, sliding-window-layer rope parameters or None)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in rope:  # per-layer-type parameters (Gemma3)
+        return rope["full_attention"], rope.get("sliding_attention")
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return rope, None
+
+
+def _gemma3(config: Any, head_dim: int, swa_rope: dict | None) -> list[tuple[str, Any]]:
+    # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B)
+    # and has no key for another scale; refuse a config it would run differently
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+    if getattr(config, "query_pre_attn_scalar", expected) != expected:
+        raise ExportError(
+            f"this Gemma3 config scales attention by query_pre_attn_scalar={config.query_pre_attn_scalar}, but "
+            f"llama.cpp uses {expected} for this shape; use --format auto_round"
+        )
+    kv: list[tuple[str, Any]] = []
+    if getattr(config, "final_logit_softcapping", None):
+        kv.append(("add_final_logit_softcapping", float(config.final_logit_softcapping)))
+    types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) and "sliding_attention" in types:
+        kv += [("add_sliding_window", config.sliding_window),
+               ("add_sliding_window_pattern", [t == "sliding_attention" for t in types])]
+        if swa_rope:
+            kv.append(("add_rope_freq_base_swa", float(swa_rope.get("rope_theta", 10000.0))))
+    return kv
+
+
+def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
     """(GGUFWriter method name, value) pairs of the architecture's metadata."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope, swa_rope = _rope(config)
     kv = [
         ("add_context_length", config.max_position_embeddings),
         ("add_embedding_length", config.hidden_size),
@@ -112,15 +159,21 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[Callable, Any]]:
         ("add_head_count", config.num_attention_heads),
         ("add_head_count_kv", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         ("add_rope_dimension_count", int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))),
-        ("add_rope_freq_base", float(theta)),
+        ("add_rope_freq_base", float(rope["rope_theta"])),
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
     ]
-    if fam.arch in ("qwen3",) or head_dim * config.num_attention_heads != config.hidden_size:
+    if fam.arch in ("qwen3", "gemma3") or head_dim * config.num_attention_heads != config.hidden_size:
         kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
     if fam.arch == "phi3" and getattr(config, "sliding_window", None):
         kv.append(("add_sliding_window", config.sliding_window))
+    if fam.arch == "gemma3":
+        kv += _gemma3(config, head_dim, swa_rope)
     scaling = rope.get("rope_type", "default")
-    if scaling not in ("default", None):
+    if scaling == "linear":
+        from gguf import RopeScalingType  # the gguf extra, present whenever a GGUF is written
+
+        kv += [("add_rope_scaling_type", RopeScalingType.LINEAR), ("add_rope_scaling_factor", float(rope["factor"]))]
+    elif scaling not in ("default", None):
         raise ExportError(f"rope scaling {scaling!r} is not mapped to GGUF yet; use --format auto_round")
     return kv
