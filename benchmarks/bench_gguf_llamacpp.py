@@ -41,11 +41,12 @@ def sh(cmd: list[str], log: Path) -> None:
 
 
 def perplexity(bin_dir: Path, gguf: Path, corpus: Path, ctx: int, chunks: int, log: Path) -> tuple[float, float]:
-    sh([bin_dir / "llama-perplexity", "-m", gguf, "-f", corpus, "-c", ctx, "--chunks", chunks, "-t", 2], log)
-    m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log.read_text())
-    if not m:
-        raise SystemExit(f"no perplexity in {log}")
-    return float(m.group(1)), float(m.group(2))
+    for _ in range(3):  # llama.cpp's asynchronous logger now and then loses the tail of its output
+        sh([bin_dir / "llama-perplexity", "-m", gguf, "-f", corpus, "-c", ctx, "--chunks", chunks, "-t", 2], log)
+        m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log.read_text())
+        if m:
+            return float(m.group(1)), float(m.group(2))
+    raise SystemExit(f"no perplexity in {log}")
 
 
 def tensor_types(path: Path) -> dict[str, str]:

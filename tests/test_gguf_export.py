@@ -7,6 +7,7 @@ from signround import AutoRound
 from signround.cli import main
 from signround.errors import ConfigError, ExportError
 from signround.schemes import resolve_scheme
+from tiny_models import wide_model
 
 pytest.importorskip("gguf", reason="pip install gguf (the gguf extra)")
 
@@ -64,46 +65,10 @@ def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def _wide_llama(root, stories_dir, tied: bool, family: str = "llama"):
-    """stories260K's tokenizer on a random model whose rows split into 256-blocks (k-quants need
-    them): hidden 256, intermediate 512, 8 layers, 8 heads over 2 kv heads (n_gqa 4)."""
-    import shutil
-
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    out = root / f"wide-{family}-{'tied' if tied else 'untied'}"
-    if out.exists():
-        return out
-    config_cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                  "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}[family]
-    kw = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0)
-    if family == "gemma3":  # head_dim 256 = query_pre_attn_scalar as released; a window shorter than the text
-        kw.update(head_dim=256, num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
-    cfg = getattr(transformers, config_cls)(**kw)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-            elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
-                p.normal_(0, 0.05)  # q/k/v biases
-            elif family == "gemma3" and p.dim() == 1:
-                p.normal_(0, 0.1)  # norms are stored as 1 + w: a random w checks the shift
-    model.save_pretrained(out)
-    for f in stories_dir.iterdir():
-        if "token" in f.name:
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="module")
 def wide_dirs(tmp_path_factory, stories_dir):
     root = tmp_path_factory.mktemp("wide")
-    return {tied: _wide_llama(root, stories_dir, tied) for tied in (True, False)}
+    return {tied: wide_model(root, stories_dir, tied) for tied in (True, False)}
 
 
 # llama.cpp's mixes on that model (8 layers, n_gqa 4), written out by hand from llama-quant.cpp:
@@ -181,7 +146,7 @@ def test_families_load_in_transformers_with_our_logits(tmp_path_factory, stories
     Gemma3's four norms per layer stored as 1 + w) gives transformers' GGUF loader the model we quantized."""
     from transformers import AutoModelForCausalLM
 
-    src = _wide_llama(tmp_path_factory.mktemp(family), stories_dir, False, family)
+    src = wide_model(tmp_path_factory.mktemp(family), stories_dir, False, family)
     ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32, batch_size=4)
     model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
     (f,) = out.glob("*.gguf")

@@ -52,3 +52,42 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.1)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+WIDE_FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                 "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}
+
+
+def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama", std: float = 0.05,
+               name: str | None = None) -> Path:
+    """A random model whose rows split into 256-blocks (k-quants need them), with the tokenizer files
+    of ``tokenizer_dir`` (stories260K: vocab 512): hidden 256, intermediate 512, 8 layers, 8 heads over
+    2 kv heads (n_gqa 4). ``std``: weight scale (larger gives peakier logits); ``name``: directory name."""
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    out = root / (name or f"wide-{family}-{'tied' if tied else 'untied'}")
+    if out.exists():
+        return out
+    kw = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, **COMMON)
+    if family == "gemma3":  # head_dim 256 = query_pre_attn_scalar as released; a window shorter than the text
+        kw.update(head_dim=256, num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    cfg = getattr(transformers, WIDE_FAMILIES[family])(**kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+            elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
+                p.normal_(0, std)  # q/k/v biases
+            elif family == "gemma3" and p.dim() == 1:
+                p.normal_(0, 0.1)  # norms are stored as 1 + w: a random w checks the shift
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, out / f.name)
+    return out
