@@ -27,18 +27,14 @@ BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # tl.dot needs >= 16 in every dimension
 
 def missing() -> str | None:
     """None when Triton can be imported, else what to install."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton (pip install 'signround[triton]')"
-    return None
+    import importlib.util
+
+    return None if importlib.util.find_spec("triton") else "triton (pip install 'signround[triton]')"
 
 
-try:  # module-level names the kernel body refers to; absent without the triton extra
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the backend's requires() reports it
-    triton = tl = None
+# The kernel body's names, bound on first use (importing triton costs time every CLI run would pay);
+# the annotations stay strings (postponed evaluation), so defining the body needs no triton.
+triton = tl = None
 
 
 def _qmatmul(x_ptr, qw_ptr, s_ptr, zs_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_ym,
@@ -70,12 +66,17 @@ def _qmatmul(x_ptr, qw_ptr, s_ptr, zs_ptr, y_ptr, M, N, K, group_size, stride_xm
 
 @lru_cache(maxsize=2)
 def _kernel(interpret: bool):
-    # wrapped on first use (per mode): triton.jit reads TRITON_INTERPRET when it wraps
+    # wrapped on first use, per mode: triton.jit reads TRITON_INTERPRET when it wraps
+    global triton, tl
+    import triton
+    import triton.language as tl
+
     return triton.jit(_qmatmul)
 
 
 def prepare(layer: "QuantLinear", device: torch.device, dtype: torch.dtype) -> dict:
-    """Codes repacked along the input dimension, scales and zero*scale in the compute dtype."""
+    """Codes repacked along the input dimension; scales and zero*scale in fp32 (the kernel
+    dequantizes in fp32 and casts to the input dtype for the dot)."""
     codes, zeros = layer.unpack()  # [in, out], [groups, out]
     s = layer.scales.float()
     return {
@@ -86,15 +87,14 @@ def prepare(layer: "QuantLinear", device: torch.device, dtype: torch.dtype) -> d
 
 
 def matmul(layer: "QuantLinear", state: dict, x: torch.Tensor) -> torch.Tensor:
-    import triton
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, n = x2.shape[0], layer.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _kernel(interpret)[grid](
+    kernel = _kernel(interpret)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    kernel[grid](
         x2, state["qw"], state["s"], state["zs"], y, m, n, layer.in_features, layer.group_size,
         x2.stride(0), y.stride(0), BITS=layer.bits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         # fp32 inputs: an exact fp32 dot (no TF32). Triton's interpreter computes bf16 dots wrongly
