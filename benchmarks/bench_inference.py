@@ -6,7 +6,10 @@ For every model: RTN-quantize W4 (group 64; per-channel when 64 does not divide 
 W8 (per channel) into the auto_round format, then for each variant start a fresh process that loads
 it, runs one prefill of ``--prompt`` tokens and greedy-decodes ``--decode`` tokens at batch 1, and
 reports prefill and decode tokens/s, the bytes of weights resident (parameters, buffers and backend
-state) and the process's peak RSS. Prints a markdown table and writes JSON.
+state) and the process's peak RSS. For every quantized variant it also scores WikiText-2 test
+(``--ppl_windows`` windows of 512 tokens) with the in-memory qdq model that quantizing produced and
+with the saved model loaded back by ``load_quantized`` (default backend), to show they agree.
+Prints markdown tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO / ".bench" / "SmolLM2-135M", REPO.parent / "shared" / "models" / "stories260K"]
@@ -53,12 +58,26 @@ print("RESULT " + json.dumps({"prefill_tok_s": a["prompt"] / prefill, "decode_to
 """
 
 
-def quantize(model_dir: Path, out: Path, bits: int, group_size: int) -> None:
-    from signround import AutoRound
+WIKITEXT = REPO.parent / "shared" / "corpora" / "wikitext2_test.txt"
+
+
+def quantize(model_dir: Path, out: Path, bits: int, group_size: int, ppl_windows: int) -> dict:
+    """Quantize (RTN) and save; perplexity of the in-memory model and of the reloaded one."""
+    from transformers import AutoTokenizer
+
+    from signround import AutoRound, load_quantized
+    from signround.eval.perplexity import perplexity
 
     ar = AutoRound(str(model_dir), scheme="W4A16", bits=bits, group_size=group_size, iters=0, disable_opt_rtn=True,
                    dtype="float32")
-    ar.quantize_and_save(str(out), format="auto_round")
+    model, _ = ar.quantize_and_save(str(out), format="auto_round")
+    if not ppl_windows:
+        return {}
+    tok, text = AutoTokenizer.from_pretrained(str(model_dir)), WIKITEXT.read_text()
+    with torch.no_grad():
+        mem = perplexity(model.eval(), tok, text, 512, ppl_windows)["ppl"]
+        reloaded = perplexity(load_quantized(str(out), dtype=torch.float32), tok, text, 512, ppl_windows)["ppl"]
+    return {"ppl_in_memory": mem, "ppl_reloaded": reloaded, "rel_diff": abs(reloaded - mem) / mem}
 
 
 def group_for(model_dir: Path, gs: int) -> int:
@@ -81,9 +100,10 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(str(m) for m in DEFAULT_MODELS))
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--ppl_windows", type=int, default=8, help="0: skip the reload perplexity check")
     ap.add_argument("--out", default=str(REPO / ".bench" / "inference.json"))
     a = ap.parse_args()
-    rows = []
+    rows, ppl_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for model in map(Path, a.models.split(",")):
             if not (model / "config.json").is_file():
@@ -93,8 +113,11 @@ def main() -> None:
             variants = [("fp32", "fp", model, "float32", None), ("bf16", "fp", model, "bfloat16", None)]
             for bits, gs in ((4, g4), (8, -1)):
                 qdir = Path(tmp) / f"{model.name}-w{bits}"
-                quantize(model, qdir, bits, gs)
                 label = f"W{bits}G{gs}"
+                check = quantize(model, qdir, bits, gs, a.ppl_windows)
+                if check:
+                    ppl_rows.append({"model": model.name, "variant": label, **check})
+                    print(json.dumps(ppl_rows[-1]), flush=True)
                 backends = ["dequant_once", "torch", "int4_cpu" if bits == 4 else "int8_cpu"]
                 variants += [(f"{label} {b}", "q", qdir, "float32", b) for b in backends]
                 variants.append((f"{label} packed (bf16)", "q", qdir, "bfloat16", "packed"))
@@ -108,12 +131,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['variant']} | error: {r['error'][-80:]!r} | | | | |")
+            why = "backend does not hold these layers" if "cannot run" in r["error"] else f"error: {r['error'][-80:]!r}"
+            print(f"| {r['model']} | {r['variant']} | {why} | | | | |")
             continue
         print(f"| {r['model']} | {r['variant']} | {'/'.join(r['backends']) or '-'} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['weights_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+    if ppl_rows:
+        print(f"\nWikiText-2 test, {a.ppl_windows} windows of 512 tokens\n")
+        print("| model | variant | in-memory qdq ppl | saved + load_quantized ppl | relative difference |")
+        print("|---|---|---|---|---|")
+        for r in ppl_rows:
+            print(f"| {r['model']} | {r['variant']} | {r['ppl_in_memory']:.4f} | {r['ppl_reloaded']:.4f} | "
+                  f"{r['rel_diff']:.2e} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(a.out).write_text(json.dumps({"speed": rows, "reload_ppl": ppl_rows}, indent=2) + "\n")
     print(f"\nJSON: {a.out}")
 
 

@@ -61,8 +61,9 @@ def _dequant_compute(layer, state, x):
 # --- int8_cpu: PyTorch's weight-only int8 kernel (per-output-channel scales) ---------------------
 
 def _int8_supported(layer) -> bool:
-    # one group per row, symmetric full range: codes - 128 fit int8 and the scale is per channel
-    if layer.group_size < layer.in_features:
+    # one group per row, symmetric full range: codes - 128 fit int8 and the scale is per channel.
+    # torch 2.13's kernel crashes (segfault) on bf16 inputs when in_features % 8 != 0
+    if layer.group_size < layer.in_features or layer.in_features % 8:
         return False
     _, zeros = layer.unpack()
     return bool((zeros == 128).all())
