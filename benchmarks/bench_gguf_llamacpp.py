@@ -76,8 +76,9 @@ def main() -> int:
     src = bin_dir.parents[1]  # .../vendor/llama.cpp
 
     texts = calibration_texts(args.model, args.nsamples, args.seqlen)
+    calib_txt = "\n\n".join(texts)
     (work / "calib.json").write_text(json.dumps(texts))
-    (work / "calib.txt").write_text("\n\n".join(texts))
+    (work / "calib.txt").write_text(calib_txt)
     heldout = work / "heldout.txt"
     corpus, used = corpus_texts(), set(texts)
     heldout.write_text("\n\n".join(t for t in corpus[len(corpus) // 2:] if t not in used))
@@ -86,12 +87,12 @@ def main() -> int:
         sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", "f16", "--outfile", f16],
            work / "convert.log")
     imatrix, imatrix_src = work / "imatrix.gguf", work / "imatrix.calib.txt"
-    if imatrix.exists() and not (imatrix_src.exists() and imatrix_src.read_text() == (work / "calib.txt").read_text()):
+    if imatrix.exists() and not (imatrix_src.exists() and imatrix_src.read_text() == calib_txt):
         imatrix.unlink()  # made from other calibration text
     if any(r.endswith(":imatrix") for r in args.runs.split(",")) and not imatrix.exists():
         sh([bin_dir / "llama-imatrix", "-m", f16, "-f", work / "calib.txt", "-c", args.seqlen, "--chunks",
             args.nsamples, "-t", 2, "-o", imatrix], work / "imatrix.log")
-        imatrix_src.write_text((work / "calib.txt").read_text())
+        imatrix_src.write_text(calib_txt)
 
     rows = [{"name": "f16", "tool": "llama.cpp convert", "ftype": "F16", "file": str(f16)}]
     for spec in args.runs.split(","):

@@ -72,12 +72,10 @@ def parse_run(spec: str) -> dict:
 
 def corpus_texts() -> list[str]:
     """Every text of signround's built-in calibration corpus, in order."""
-    import gzip
-    from importlib import resources
+    from signround.calib.sources import load_default
+    from signround.calib.spec import DatasetSpec
 
-    path = resources.files("signround.calib") / "data" / "default_corpus.jsonl.gz"
-    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-        return [json.loads(line)["text"] for line in f]
+    return load_default(DatasetSpec(name="signround-default"))
 
 
 def calibration_texts(model: str, nsamples: int, seqlen: int) -> list[str]:

@@ -36,15 +36,15 @@ STORIES = REPO.parent / "shared" / "models" / "stories260K"
 def python_perplexity(model, ids: list[int], bos: int, ctx: int, chunks: int) -> float:
     """llama-perplexity's windows: chunk i is ids[i*ctx:(i+1)*ctx] with its first token set to BOS;
     logits at positions ctx/2 .. ctx-2 predict the next token."""
-    nll, count = 0.0, 0
+    nll, count, first = 0.0, 0, ctx // 2
     for i in range(chunks):
-        window = list(ids[i * ctx:(i + 1) * ctx])
+        window = torch.tensor(ids[i * ctx:(i + 1) * ctx])
+        targets = window[first + 1:].clone()
         window[0] = bos
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([window])).logits[0].double(), -1)
-        for j in range(ctx // 2, ctx - 1):
-            nll -= logp[j, ids[i * ctx + j + 1]].item()
-            count += 1
+            logp = torch.log_softmax(model(window[None]).logits[0, first:ctx - 1].double(), -1)
+        nll -= logp.gather(1, targets[:, None]).sum().item()
+        count += targets.numel()
     return math.exp(nll / count)
 
 

@@ -168,17 +168,19 @@ def assign(model: torch.nn.Module, device: torch.device | str, wanted: str = "au
     from .qlinear import QuantLinear
 
     counts: Counter = Counter()
-    missing: dict[str, str] = {}  # better backends this machine lacks a package for -> what to install
     dev = torch.device(device).type
+    # backends for this device whose package is absent -> what to install (checked once, not per layer)
+    absent = {b.name: need for b in BACKENDS.values() if dev in b.devices and (need := b.requires()) is not None}
+    missing: dict[str, str] = {}  # those that would have beaten a chosen backend
     for m in model.modules():
         if isinstance(m, QuantLinear):
             chosen = choose(m, device, wanted)
             m.set_backend(chosen)
             counts[m.backend] += 1
-            for b in BACKENDS.values():
-                if (b.priority > chosen.priority and dev in b.devices and m.bits in b.bits
-                        and b.name not in missing and (need := b.requires()) is not None):
-                    missing[b.name] = need
+            for name, need in absent.items():
+                b = BACKENDS[name]
+                if b.priority > chosen.priority and m.bits in b.bits:
+                    missing[name] = need
     if counts:
         hint = "".join(f"; backend {n} needs {need}" for n, need in missing.items())
         logger.info("QuantLinear backends on %s: %s%s", dev, ", ".join(f"{n} x{c}" for n, c in counts.most_common()),

@@ -81,8 +81,8 @@ def prepare(layer: "QuantLinear", device: torch.device, dtype: torch.dtype) -> d
     s = layer.scales.float()
     return {
         "qw": pack_rows(codes.to(torch.int32), layer.bits).to(device).contiguous(),
-        "s": s.to(device, torch.float32).contiguous(),
-        "zs": (zeros.float() * s).to(device, torch.float32).contiguous(),
+        "s": s.to(device).contiguous(),
+        "zs": (zeros.float() * s).to(device).contiguous(),
     }
 
 

@@ -49,7 +49,8 @@ class GGUFExporter:
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         _gguf()
-        hyperparameters(family_of(model.config), model.config.get_text_config())  # refuses what llama.cpp would misread
+        fam = family_of(model.config)
+        hyperparameters(fam, model.config.get_text_config())  # refuses what llama.cpp would misread
         bad = [f"{n} ({s.label()})" for n, s in plan.quantized.items() if s.ggml_type not in GGML_SPECS]
         if plan.ggml_ftype != self.ftype or bad:
             raise ExportError(
@@ -58,8 +59,8 @@ class GGUFExporter:
                 f"quantize with --scheme GGUF:{self.ftype.upper()}"
             )
         for name, t in unique_state_dict(model):
-            if gguf_name(family_of(model.config), name) is None:
-                raise ExportError(f"{name} has no GGUF tensor name in the {family_of(model.config).arch} table")
+            if gguf_name(fam, name) is None:
+                raise ExportError(f"{name} has no GGUF tensor name in the {fam.arch} table")
 
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
