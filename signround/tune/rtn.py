@@ -2,7 +2,10 @@
 
 Optimized RTN searches, per group, the clipping ratio of the range that minimizes the
 importance-weighted squared weight error, with importance = sum of x^2 of the layer's calibration
-inputs per input channel (how much each column of W matters to the output).
+inputs per input channel (how much each column of W matters to the output). Integer types then
+also try, per candidate range, the weighted least-squares scale (and min) for the codes that range
+gives, as llama.cpp's quantizers do; for k-quants, whose sub-blocks share a quantized super-block
+scale, the choice is checked per super-block.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from ..model.layers import attach_act_quant, get_weight, set_weight
 from ..qdq import QParams, qdq
 from ..qdq.common import to_groups
+from ..qdq.kquant import SUPER_BLOCK
 from ..schemes import QuantSpec
 
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5
@@ -44,11 +48,14 @@ def rtn_layer(module: nn.Module, spec: QuantSpec, min_scale=None, max_scale=None
 
 @torch.no_grad()
 def search_clip(
-    w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID
+    w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
+    refit: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (min_scale, max_scale) minimizing sum_j imp_j * (w_ij - qdq(w)_ij)^2.
 
     A shared ratio is searched first; asymmetric schemes then refine max and min separately.
+    With ``refit``, integer types also try, per candidate range, the weighted least-squares scale
+    (and min) for the codes that range gives (llama.cpp's refit), mapped back to clipping ratios.
     """
     w = w.float()
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float().to(w.device)
@@ -61,23 +68,112 @@ def search_clip(
         dq, _ = qdq(w, spec, min_scale=mn, max_scale=mx)
         return ((to_groups(dq.float(), spec.group_size) - wg) ** 2 * impg).sum(-1)
 
+    state: dict[str, torch.Tensor] = {}
+    # k-quants share a super-block scale between sub-blocks, so a mix of per-group winners can be
+    # worse than any single candidate; the best whole candidate per super-block is kept as well
+    per_super = SUPER_BLOCK // spec.group_size if spec.data_type.endswith("_dq") else 0
+    whole: dict[str, torch.Tensor] = {}
+
+    def by_super(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, per_super)
+
+    def keep_whole(e: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        es = by_super(e).sum(-1, keepdim=True)
+        if not whole:
+            whole.update(err=es, mn=by_super(mn).clone(), mx=by_super(mx).clone())
+            return
+        better = es < whole["err"]
+        whole["err"] = torch.where(better, es, whole["err"])
+        whole["mn"] = torch.where(better, by_super(mn), whole["mn"])
+        whole["mx"] = torch.where(better, by_super(mx), whole["mx"])
+
+    def consider(cand_mn: torch.Tensor, cand_mx: torch.Tensor) -> None:
+        e = err(cand_mn, cand_mx)
+        if per_super:
+            keep_whole(e, cand_mn, cand_mx)
+        if not state:
+            state.update(err=e, mn=cand_mn.clone(), mx=cand_mx.clone())
+            return
+        better = e < state["err"]
+        state["err"] = torch.where(better, e, state["err"])
+        state["mn"] = torch.where(better, cand_mn, state["mn"])
+        state["mx"] = torch.where(better, cand_mx, state["mx"])
+
+    def settle() -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-group winners, or per super-block the best whole candidate where that is better."""
+        mn, mx = state["mn"], state["mx"]
+        if not per_super:
+            return mn, mx
+        keep_whole(err(mn, mx), mn, mx)
+        return whole["mn"].reshape_as(mn), whole["mx"].reshape_as(mx)
+
     def search(mn: torch.Tensor, mx: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        best_err = err(mn, mx)
-        best_mn, best_mx = mn.clone(), mx.clone()
+        state.clear()
+        consider(mn, mx)
         for r in grid:
             rr = torch.full(shape, r, device=w.device)
-            cand_mn = rr if which in ("both", "min") else mn
-            cand_mx = rr if which in ("both", "max") else mx
-            e = err(cand_mn, cand_mx)
-            better = e < best_err
-            best_err = torch.where(better, e, best_err)
-            best_mn = torch.where(better, cand_mn, best_mn)
-            best_mx = torch.where(better, cand_mx, best_mx)
-        return best_mn, best_mx
+            consider(rr if which in ("both", "min") else mn, rr if which in ("both", "max") else mx)
+        return settle()
 
     ones = torch.ones(shape, device=w.device)
     mn, mx = search(ones, ones, "both")
     if not spec.sym:
         mn, mx = search(mn, mx, "max")
         mn, mx = search(mn, mx, "min")
+    refit_fn = _REFIT.get((spec.data_type, spec.sym)) if refit else None
+    if refit_fn is not None:
+        state.clear()
+        consider(mn, mx)
+        for r in REFIT_GRID:
+            consider(*refit_fn(wg, impg, spec, r))
+        mn, mx = settle()
     return mn, mx
+
+
+# Candidate ranges for the least-squares refit: llama.cpp also starts from ranges wider than the
+# weights' own (its rmin < 0), since the refit then shrinks the scale to where the codes sit.
+REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
+
+
+def _refit_sym(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: float):
+    """Full-range symmetric: codes from the range shrunk by r, then s = sum(w x q) / sum(w q^2)."""
+    half = 2 ** (spec.bits - 1)
+    wmin = torch.clamp(wg.amin(-1), max=0)
+    wmax = torch.clamp(wg.amax(-1), min=0)
+    s0 = torch.where(wmax < -wmin, -wmin, -wmax) / half  # signed, as qdq_int has it
+    safe = torch.where(s0 == 0, torch.ones_like(s0), s0)
+    q = torch.clamp(torch.round(wg / (safe * r).unsqueeze(-1)), -half, half - 1)
+    s = (impg * wg * q).sum(-1) / (impg * q * q).sum(-1).clamp_min(1e-20)
+    ratio = torch.where(s0 == 0, torch.ones_like(s0), (s / safe)).clamp(0.0, 1.0)
+    return ratio, ratio
+
+
+def _refit_asym_dq(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: float):
+    """k-quant asymmetric (w = s q - m, m >= 0): codes from the range shrunk by r, then the
+    weighted least-squares (s, m) for those codes, m clamped to >= 0 (then s refit alone)."""
+    maxq = 2**spec.bits - 1
+    wmin = torch.clamp(wg.amin(-1), max=0)
+    wmax = torch.clamp(wg.amax(-1), min=0)
+    lo, hi = wmin * r, wmax * r
+    s0 = ((hi - lo) / maxq).clamp_min(1e-20)
+    q = torch.clamp(torch.round((wg - lo.unsqueeze(-1)) / s0.unsqueeze(-1)), 0, maxq)
+    sw, sq, sqq = impg.sum(-1), (impg * q).sum(-1), (impg * q * q).sum(-1)
+    sx, sxq = (impg * wg).sum(-1), (impg * wg * q).sum(-1)
+    det = (sw * sqq - sq * sq)
+    ok = det.abs() > 1e-20
+    det = torch.where(ok, det, torch.ones_like(det))
+    s = (sw * sxq - sx * sq) / det
+    b = (sqq * sx - sq * sxq) / det  # w ~ s q + b
+    pos = b > 0
+    s = torch.where(pos, sxq / sqq.clamp_min(1e-20), s)
+    b = torch.where(pos, torch.zeros_like(b), b)
+    s = torch.where(ok, s, s0).clamp_min(0)
+    b = torch.where(ok, b, lo)
+    # back to clipping ratios: wmin' = b, wmax' = s * maxq + b
+    mn = torch.where(wmin < 0, b / torch.where(wmin < 0, wmin, -torch.ones_like(wmin)), torch.ones_like(wmin))
+    top = s * maxq + b
+    mx = torch.where(wmax > 0, top / torch.where(wmax > 0, wmax, torch.ones_like(wmax)), torch.ones_like(wmax))
+    return mn.clamp(0.0, 1.0), mx.clamp(0.0, 1.0)
+
+
+_REFIT = {("int", True): _refit_sym, ("int_sym_dq", True): _refit_sym, ("int_asym_dq", False): _refit_asym_dq}
