@@ -17,7 +17,7 @@ from torch import nn
 
 from ..model.layers import attach_act_quant, get_weight, set_weight
 from ..qdq import QParams, qdq
-from ..qdq.common import to_groups
+from ..qdq.common import grouped_range, to_groups
 from ..qdq.kquant import SUPER_BLOCK
 from ..schemes import QuantSpec
 
@@ -46,6 +46,40 @@ def rtn_layer(module: nn.Module, spec: QuantSpec, min_scale=None, max_scale=None
     return compact(qp)
 
 
+class _Best:
+    """The lowest-error candidate per unit: a group (``per == 0``) or ``per`` consecutive groups
+    (a k-quant super-block, compared by the sum of its groups' errors)."""
+
+    def __init__(self, per: int):
+        self.per = per
+        self.err: torch.Tensor | None = None
+        self.mn: torch.Tensor | None = None
+        self.mx: torch.Tensor | None = None
+
+    def _units(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, self.per) if self.per else x
+
+    def _score(self, e: torch.Tensor) -> torch.Tensor:
+        return e.sum(-1, keepdim=True) if self.per else e
+
+    def reset(self, e: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        self.err, self.mn, self.mx = (self._units(t).clone() for t in (e, mn, mx))
+
+    def offer(self, e: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        if self.err is None:
+            self.reset(e, mn, mx)
+            return
+        e, mn, mx = (self._units(t) for t in (e, mn, mx))
+        better = self._score(e) < self._score(self.err)
+        self.err = torch.where(better, e, self.err)
+        self.mn = torch.where(better, mn, self.mn)
+        self.mx = torch.where(better, mx, self.mx)
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(errors, min_scale, max_scale) in group layout ``[out, n_groups]``."""
+        return tuple(t.reshape(t.shape[0], -1) for t in (self.err, self.mn, self.mx))
+
+
 @torch.no_grad()
 def search_clip(
     w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
@@ -68,62 +102,42 @@ def search_clip(
         dq, _ = qdq(w, spec, min_scale=mn, max_scale=mx)
         return ((to_groups(dq.float(), spec.group_size) - wg) ** 2 * impg).sum(-1)
 
-    state: dict[str, torch.Tensor] = {}
+    groups = _Best(0)
     # k-quants share a super-block scale between sub-blocks, so a mix of per-group winners can be
     # worse than any single candidate; the best whole candidate per super-block is kept as well
-    per_super = SUPER_BLOCK // spec.group_size if spec.data_type.endswith("_dq") else 0
-    whole: dict[str, torch.Tensor] = {}
+    supers = _Best(SUPER_BLOCK // spec.group_size) if spec.data_type.endswith("_dq") else None
 
-    def by_super(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1, per_super)
-
-    def keep_whole(e: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> None:
-        es = by_super(e).sum(-1, keepdim=True)
-        if not whole:
-            whole.update(err=es, mn=by_super(mn).clone(), mx=by_super(mx).clone())
-            return
-        better = es < whole["err"]
-        whole["err"] = torch.where(better, es, whole["err"])
-        whole["mn"] = torch.where(better, by_super(mn), whole["mn"])
-        whole["mx"] = torch.where(better, by_super(mx), whole["mx"])
-
-    def consider(cand_mn: torch.Tensor, cand_mx: torch.Tensor) -> None:
-        e = err(cand_mn, cand_mx)
-        if per_super:
-            keep_whole(e, cand_mn, cand_mx)
-        if not state:
-            state.update(err=e, mn=cand_mn.clone(), mx=cand_mx.clone())
-            return
-        better = e < state["err"]
-        state["err"] = torch.where(better, e, state["err"])
-        state["mn"] = torch.where(better, cand_mn, state["mn"])
-        state["mx"] = torch.where(better, cand_mx, state["mx"])
+    def consider(mn: torch.Tensor, mx: torch.Tensor) -> None:
+        e = err(mn, mx)
+        groups.offer(e, mn, mx)
+        if supers is not None:
+            supers.offer(e, mn, mx)
 
     def settle() -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-group winners, or per super-block the best whole candidate where that is better."""
-        mn, mx = state["mn"], state["mx"]
-        if not per_super:
+        """The per-group winners, or per super-block the best whole candidate where that is better;
+        the result (with its errors) is where the next search starts."""
+        e, mn, mx = groups.best()
+        if supers is None:
             return mn, mx
-        keep_whole(err(mn, mx), mn, mx)
-        return whole["mn"].reshape_as(mn), whole["mx"].reshape_as(mx)
+        supers.offer(err(mn, mx), mn, mx)
+        e, mn, mx = supers.best()
+        groups.reset(e, mn, mx)
+        return mn, mx
 
     def search(mn: torch.Tensor, mx: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        state.clear()
-        consider(mn, mx)
         for r in grid:
             rr = torch.full(shape, r, device=w.device)
             consider(rr if which in ("both", "min") else mn, rr if which in ("both", "max") else mx)
         return settle()
 
     ones = torch.ones(shape, device=w.device)
+    consider(ones, ones)  # plain RTN: every later candidate must beat it
     mn, mx = search(ones, ones, "both")
     if not spec.sym:
         mn, mx = search(mn, mx, "max")
         mn, mx = search(mn, mx, "min")
     refit_fn = _REFIT.get((spec.data_type, spec.sym)) if refit else None
     if refit_fn is not None:
-        state.clear()
-        consider(mn, mx)
         for r in REFIT_GRID:
             consider(*refit_fn(wg, impg, spec, r))
         mn, mx = settle()
@@ -138,8 +152,7 @@ REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
 def _refit_sym(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: float):
     """Full-range symmetric: codes from the range shrunk by r, then s = sum(w x q) / sum(w q^2)."""
     half = 2 ** (spec.bits - 1)
-    wmin = torch.clamp(wg.amin(-1), max=0)
-    wmax = torch.clamp(wg.amax(-1), min=0)
+    wmin, wmax = grouped_range(wg, None, None)
     s0 = torch.where(wmax < -wmin, -wmin, -wmax) / half  # signed, as qdq_int has it
     safe = torch.where(s0 == 0, torch.ones_like(s0), s0)
     q = torch.clamp(torch.round(wg / (safe * r).unsqueeze(-1)), -half, half - 1)
@@ -152,8 +165,7 @@ def _refit_asym_dq(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: flo
     """k-quant asymmetric (w = s q - m, m >= 0): codes from the range shrunk by r, then the
     weighted least-squares (s, m) for those codes, m clamped to >= 0 (then s refit alone)."""
     maxq = 2**spec.bits - 1
-    wmin = torch.clamp(wg.amin(-1), max=0)
-    wmax = torch.clamp(wg.amax(-1), min=0)
+    wmin, wmax = grouped_range(wg, None, None)
     lo, hi = wmin * r, wmax * r
     s0 = ((hi - lo) / maxq).clamp_min(1e-20)
     q = torch.clamp(torch.round((wg - lo.unsqueeze(-1)) / s0.unsqueeze(-1)), 0, maxq)
@@ -170,9 +182,9 @@ def _refit_asym_dq(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: flo
     s = torch.where(ok, s, s0).clamp_min(0)
     b = torch.where(ok, b, lo)
     # back to clipping ratios: wmin' = b, wmax' = s * maxq + b
-    mn = torch.where(wmin < 0, b / torch.where(wmin < 0, wmin, -torch.ones_like(wmin)), torch.ones_like(wmin))
-    top = s * maxq + b
-    mx = torch.where(wmax > 0, top / torch.where(wmax > 0, wmax, torch.ones_like(wmax)), torch.ones_like(wmax))
+    one = torch.ones_like(wmin)
+    mn = torch.where(wmin < 0, b / torch.where(wmin < 0, wmin, -one), one)
+    mx = torch.where(wmax > 0, (s * maxq + b) / torch.where(wmax > 0, wmax, one), one)
     return mn.clamp(0.0, 1.0), mx.clamp(0.0, 1.0)
 
 
