@@ -6,6 +6,10 @@ the upstream venv with ``AutoModelForCausalLM.from_pretrained`` and compares.
 
     python3 scripts/check_upstream_load.py            # skips (exit 0) when upstream is absent
     python3 scripts/check_upstream_load.py --setup    # create .venv-upstream first
+    python3 scripts/check_upstream_load.py --model .bench/SmolLM2-135M   # a real model, group 64
+
+With ``--model`` the cases are the auto_gptq / auto_awq / auto_round files of that model at group 64
+(optimized RTN, the numbers a user would ship) and the token ids are real text.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ CASES = {
         layer_config={"down_proj": {"bits": 8}, "v_proj": {"bits": 16},
                       r"layers\.1\.self_attn\.q_proj": {"bits": 2, "sym": False}},
     ),
+}
+
+# Real-model cases (``--model``): group 64, tuned with optimized RTN.
+MODEL_CASES = {
+    "auto_gptq: W4 sym g64": dict(scheme="W4A16", group_size=64, format="auto_gptq"),
+    "auto_gptq: W2 sym g64": dict(scheme="W2A16", group_size=64, format="auto_gptq"),
+    "auto_awq: W4 asym g64": dict(scheme="W4A16", group_size=64, sym=False, format="auto_awq"),
+    "W4 sym g64 (auto_round, auto_gptq packing)": dict(scheme="W4A16", group_size=64),
 }
 
 UPSTREAM_CHILD = r"""
@@ -75,9 +87,22 @@ def build_model(path: Path) -> None:
     model.save_pretrained(path)
 
 
+def real_ids(model_dir: Path) -> torch.Tensor:
+    """Two rows of 64 tokens of WikiText-2 (text the model was not calibrated on)."""
+    from transformers import AutoTokenizer
+
+    from signround.eval.perplexity import read_text
+
+    text = read_text(Path(__file__).resolve().parents[2] / "shared" / "corpora" / "wikitext2_test.txt")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok(text[:20000], return_tensors="pt").input_ids[0]
+    return ids[1000:1128].reshape(2, 64)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--setup", action="store_true", help="create the upstream venv first")
+    ap.add_argument("--model", help="a Hugging Face model directory to check instead of the tiny random Llama")
     args = ap.parse_args()
     py = setup_upstream() if args.setup else upstream_python()
     if py is None:
@@ -87,18 +112,27 @@ def main() -> int:
     from signround import AutoRound, load_quantized
 
     work = Path(tempfile.mkdtemp(prefix="signround-upstream-"))
-    src = work / "fp"
-    build_model(src)
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    if args.model:
+        src, cases = Path(args.model), MODEL_CASES
+        if not (src / "config.json").is_file():
+            print(f"FAIL: {src} is not a model directory (no config.json)")
+            return 1
+        ids = real_ids(src)
+        tune = dict(iters=0, nsamples=16, seqlen=256)
+    else:
+        src, cases = work / "fp", CASES
+        build_model(src)
+        ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+        tune = dict(iters=0, disable_opt_rtn=True)
     save_file({"ids": ids}, str(work / "ids.safetensors"))
     dirs, ours = [], []
-    for i, kw in enumerate(CASES.values()):
+    for i, kw in enumerate(cases.values()):
         out = work / f"case{i}"
         kw = dict(kw)
         fmt = kw.pop("format", "auto_round")
-        AutoRound(str(src), iters=0, disable_opt_rtn=True, **kw).quantize_and_save(out, format=fmt)
+        AutoRound(str(src), **tune, **kw).quantize_and_save(out, format=fmt)
         with torch.no_grad():
-            ours.append(load_quantized(str(out))(ids).logits.float())
+            ours.append(load_quantized(str(out), dtype=torch.float32)(ids).logits.float())
         dirs.append(str(out))
     res = subprocess.run([str(py), "-c", UPSTREAM_CHILD, str(work / "ids.safetensors"),
                           str(work / "upstream.safetensors"), json.dumps(dirs)], capture_output=True, text=True)
@@ -114,7 +148,7 @@ def main() -> int:
     print("| case | packing | upstream compute dtype | max abs logit diff | max abs logit |")
     print("|---|---|---|---|---|")
     worst = 0.0
-    for i, name in enumerate(CASES):
+    for i, name in enumerate(cases):
         qc = json.loads((Path(dirs[i]) / "config.json").read_text())["quantization_config"]
         packing = qc.get("packing_format", qc["quant_method"])
         diff = (theirs[f"case{i}"] - ours[i]).abs().max().item()
