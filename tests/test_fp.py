@@ -122,7 +122,8 @@ def _ar(stories_dir, scheme, **kw):
 
 @pytest.mark.parametrize("scheme", ["MXFP4", "NVFP4"])
 def test_signround_beats_rtn_block_loss(stories_dir, scheme):
-    ar = _ar(stories_dir, scheme, iters=20, lr=5e-3)
+    # NVFP4 with its automatic step sizes (a quarter of 1/iters, minmax a fifth of that)
+    ar = _ar(stories_dir, scheme, iters=20, **({"lr": 5e-3} if scheme == "MXFP4" else {}))
     ar.quantize()
     stats = ar.result.block_stats
     assert len(stats) == 5

@@ -75,6 +75,11 @@ def test_recipes_and_bad_options(stories_dir):
     assert tune_config("best").iters == 1000 and tune_config("best").nsamples == 512
     assert tune_config("light").iters == 50 and tune_config("light").lr == 5e-3
     assert tune_config().iters == 200 and tune_config().lr_value == 1 / 200
+    # nv_fp layers take smaller automatic steps; explicit values and other data types are untouched
+    assert tune_config(iters=50).lrs_for("nv_fp") == pytest.approx((0.005, 0.001))
+    assert tune_config(iters=50).lrs_for("int") == (0.02, 0.02)
+    assert tune_config(iters=50, lr=0.01).lrs_for("nv_fp") == pytest.approx((0.01, 0.002))
+    assert tune_config(iters=50, lr=0.01, minmax_lr=0.01).lrs_for("nv_fp") == (0.01, 0.01)
     with pytest.raises(ConfigError, match="unknown recipe"):
         tune_config("fastest")
     with pytest.raises(ConfigError, match="batch_size"):

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 
+# Automatic step sizes for nv_fp layers (see TuneConfig.lrs_for).
+NV_FP_LR_FACTOR = 0.25
+NV_FP_MINMAX_RATIO = 0.2
+
+
 @dataclass
 class TuneConfig:
     iters: int = 200
@@ -43,6 +48,19 @@ class TuneConfig:
     @property
     def minmax_lr_value(self) -> float:
         return self.minmax_lr if self.minmax_lr is not None else self.lr_value
+
+    def lrs_for(self, data_type: str) -> tuple[float, float]:
+        """(lr, minmax_lr) for layers of this data type; explicit settings always win.
+
+        NVFP4's FP8 group scales and E2M1 grid make the default steps overshoot: measured on
+        SmolLM2-135M W4A4 blocks 2 and 20 (50 iters, held-out WikiText-2 block loss), lr 1/iters and
+        minmax_lr = lr end worse than the optimized-RTN start (0.090 / 0.60 vs 0.080 / 0.54), while a
+        quarter of that, with minmax_lr a fifth of lr, ends at 0.059 / 0.49.
+        """
+        if data_type != "nv_fp":
+            return self.lr_value, self.minmax_lr_value
+        lr = self.lr if self.lr is not None else NV_FP_LR_FACTOR / max(self.iters, 1)
+        return lr, self.minmax_lr if self.minmax_lr is not None else lr * NV_FP_MINMAX_RATIO
 
     def validate(self) -> "TuneConfig":
         for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen"):

@@ -144,11 +144,13 @@ def quantize_calibrated(
 
 def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
-    # SignRound tunes the clipping further, so its start needs only a coarse search
-    grid = COARSE_CLIP_GRID if cfg.mode == "signround" else CLIP_GRID
+    def grid(spec) -> tuple[float, ...]:
+        # SignRound tunes the clipping further and integer types get a least-squares refit, so their
+        # start needs only a coarse search; FP element grids get neither and keep the fine one
+        return COARSE_CLIP_GRID if cfg.mode == "signround" and spec.data_type.startswith("int") else CLIP_GRID
 
     def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {rel: search_clip(get_weight(m).detach().to(device), spec, importance.get(rel), grid)
+        return {rel: search_clip(get_weight(m).detach().to(device), spec, importance.get(rel), grid(spec))
                 for rel, (m, spec) in layers.items()}
 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)

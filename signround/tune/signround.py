@@ -277,7 +277,7 @@ def tune_unit(
             loss_start, out_start = loss_rtn, out_rtn
         start_state = {k: w.state() for k, w in wrappers.items()}
 
-        lr, mlr = cfg.lr_value, cfg.minmax_lr_value
+        lrs = {k: cfg.lrs_for(w.spec.data_type) for k, w in wrappers.items()}
         best = math.inf
         best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
@@ -309,8 +309,8 @@ def tune_unit(
                     for k, w in wrappers.items():
                         w.save_into(best_state[k])
             decay = 1.0 - it / cfg.iters
-            for wr in wrappers.values():
-                wr.signed_step(lr * decay, mlr * decay)
+            for k, wr in wrappers.items():
+                wr.signed_step(lrs[k][0] * decay, lrs[k][1] * decay)
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
             best_state = {k: w.state() for k, w in wrappers.items()}
