@@ -25,7 +25,7 @@ from ..memory import drop_file_pages, release_memory
 from ..qdq import QParams
 from .config import TuneConfig
 from .rtn import CLIP_GRID, COARSE_CLIP_GRID, rtn_layer, search_clip
-from .signround import UnitResult, tune_unit
+from .signround import UnitResult, qdq_values, tune_unit
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,14 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
         # start needs only a coarse search; FP element grids get neither and keep the fine one
         return COARSE_CLIP_GRID if cfg.mode == "signround" and spec.data_type.startswith("int") else CLIP_GRID
 
+    def search(w: torch.Tensor, spec, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # when tuning follows, its compiled qdq kernels (same shapes) also serve the search
+        fast = cfg.mode == "signround" and cfg.enable_torch_compile
+        fn = (lambda w_, mn, mx: qdq_values(spec, w_, None, mn, mx, True)) if fast else None
+        return search_clip(w, spec, importance, grid(spec), qdq_values=fn)
+
     def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {rel: search_clip(get_weight(m).detach().to(device), spec, importance.get(rel), grid(spec))
+        return {rel: search(get_weight(m).detach().to(device).float(), spec, importance.get(rel))
                 for rel, (m, spec) in layers.items()}
 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)

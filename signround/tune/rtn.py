@@ -11,6 +11,7 @@ scale, the choice is checked per super-block.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -83,13 +84,14 @@ class _Best:
 @torch.no_grad()
 def search_clip(
     w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
-    refit: bool = True,
+    refit: bool = True, qdq_values: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (min_scale, max_scale) minimizing sum_j imp_j * (w_ij - qdq(w)_ij)^2.
 
     A shared ratio is searched first; asymmetric schemes then refine max and min separately.
     With ``refit``, integer types also try, per candidate range, the weighted least-squares scale
     (and min) for the codes that range gives (llama.cpp's refit), mapped back to clipping ratios.
+    ``qdq_values(w, min_scale, max_scale)`` may stand in for the eager qdq (a compiled kernel).
     """
     w = w.float()
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float().to(w.device)
@@ -99,7 +101,7 @@ def search_clip(
     shape = wg.shape[:2]
 
     def err(mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-        dq, _ = qdq(w, spec, min_scale=mn, max_scale=mx)
+        dq = qdq_values(w, mn, mx) if qdq_values is not None else qdq(w, spec, min_scale=mn, max_scale=mx)[0]
         return ((to_groups(dq.float(), spec.group_size) - wg) ** 2 * impg).sum(-1)
 
     groups = _Best(0)

@@ -59,6 +59,20 @@ def compiled_qdq(spec: QuantSpec) -> Callable | None:
     return _COMPILED[spec]
 
 
+def qdq_values(spec: QuantSpec, w: torch.Tensor, v: torch.Tensor | None, min_scale: torch.Tensor,
+               max_scale: torch.Tensor, compile_qdq: bool) -> torch.Tensor:
+    """qdq(w) values, through the compiled kernel when asked and available (eager otherwise, and
+    for good after a compile failure)."""
+    fn = compiled_qdq(spec) if compile_qdq else None
+    if fn is not None:
+        try:
+            return fn(w, torch.zeros_like(w) if v is None else v, min_scale, max_scale)
+        except Exception as e:  # no compiler toolchain, unsupported backend, ...
+            logger.warning("torch.compile of qdq failed (%s: %s); using eager qdq", type(e).__name__, str(e)[:200])
+            _COMPILE_BROKEN.append(str(e))
+    return qdq(w, spec, v=v, min_scale=min_scale, max_scale=max_scale)[0]
+
+
 class TunableLayer(nn.Module):
     """Stands in for a Linear/Conv1D during tuning: computes with qdq(W; V, min_scale, max_scale)."""
 
@@ -93,14 +107,7 @@ class TunableLayer(nn.Module):
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
 
     def qdq_values(self) -> torch.Tensor:
-        fn = compiled_qdq(self.spec) if self.compile_qdq else None
-        if fn is not None:
-            try:
-                return fn(self.w, self.v, self.min_scale, self.max_scale)
-            except Exception as e:  # no compiler toolchain, unsupported backend, ...
-                logger.warning("torch.compile of qdq failed (%s: %s); using eager qdq", type(e).__name__, str(e)[:200])
-                _COMPILE_BROKEN.append(str(e))
-        return self.qdq_weight()[0]
+        return qdq_values(self.spec, self.w, self.v, self.min_scale, self.max_scale, self.compile_qdq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.collect_act:
