@@ -133,5 +133,5 @@ def test_clip_search_through_compiled_qdq_chooses_the_same():
     for spec in (QuantSpec(bits=2, group_size=32), QuantSpec(bits=4, group_size=64, sym=False)):
         ref = search_clip(w, spec, imp, COARSE_CLIP_GRID)
         got = search_clip(w, spec, imp, COARSE_CLIP_GRID,
-                          qdq_values=lambda w_, mn, mx, spec=spec: qdq_values(spec, w_, None, mn, mx, True))
+                          qdq_values=lambda w_, mn, mx, spec=spec: qdq_values(spec, w_, torch.zeros_like(w_), mn, mx, True))
         assert all(torch.equal(a, b) for a, b in zip(ref, got))

@@ -164,10 +164,14 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
         # start needs only a coarse search; FP element grids get neither and keep the fine one
         return COARSE_CLIP_GRID if cfg.mode == "signround" and spec.data_type.startswith("int") else CLIP_GRID
 
+    # when tuning follows, its compiled qdq kernels (same shapes) also serve the clipping search
+    compiled_search = cfg.mode == "signround" and cfg.enable_torch_compile
+
     def search(w: torch.Tensor, spec, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # when tuning follows, its compiled qdq kernels (same shapes) also serve the search
-        fast = cfg.mode == "signround" and cfg.enable_torch_compile
-        fn = (lambda w_, mn, mx: qdq_values(spec, w_, None, mn, mx, True)) if fast else None
+        fn = None
+        if compiled_search:
+            no_offsets = torch.zeros_like(w)  # one buffer for all candidates of this layer
+            fn = lambda w_, mn, mx: qdq_values(spec, w_, no_offsets, mn, mx, True)  # noqa: E731
         return search_clip(w, spec, importance, grid(spec), qdq_values=fn)
 
     def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

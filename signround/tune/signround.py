@@ -59,14 +59,14 @@ def compiled_qdq(spec: QuantSpec) -> Callable | None:
     return _COMPILED[spec]
 
 
-def qdq_values(spec: QuantSpec, w: torch.Tensor, v: torch.Tensor | None, min_scale: torch.Tensor,
+def qdq_values(spec: QuantSpec, w: torch.Tensor, v: torch.Tensor, min_scale: torch.Tensor,
                max_scale: torch.Tensor, compile_qdq: bool) -> torch.Tensor:
     """qdq(w) values, through the compiled kernel when asked and available (eager otherwise, and
     for good after a compile failure)."""
     fn = compiled_qdq(spec) if compile_qdq else None
     if fn is not None:
         try:
-            return fn(w, torch.zeros_like(w) if v is None else v, min_scale, max_scale)
+            return fn(w, v, min_scale, max_scale)
         except Exception as e:  # no compiler toolchain, unsupported backend, ...
             logger.warning("torch.compile of qdq failed (%s: %s); using eager qdq", type(e).__name__, str(e)[:200])
             _COMPILE_BROKEN.append(str(e))
