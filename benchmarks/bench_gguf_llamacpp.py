@@ -16,6 +16,7 @@ Run spec: ``ours:FTYPE:ITERS`` (signround, 0 = optimized RTN) or ``lcpp:FTYPE[:i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -84,6 +85,8 @@ def main() -> int:
     heldout.write_text("\n\n".join(t for t in corpus[len(corpus) // 2:] if t not in used))
     f16 = work / "f16.gguf"
     if not f16.exists():
+        if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it for Llama models
+            raise SystemExit("llama.cpp's convert_hf_to_gguf.py needs sentencepiece: pip install sentencepiece")
         sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", "f16", "--outfile", f16],
            work / "convert.log")
     imatrix, imatrix_src = work / "imatrix.gguf", work / "imatrix.calib.txt"

@@ -79,3 +79,35 @@ def test_groups_of_search_are_shaped_like_qparams():
     w, imp = _weight()
     mn, mx = search_clip(w, spec, imp)
     assert mn.shape == mx.shape == to_groups(w, spec.group_size).shape[:2]
+
+
+def test_llama_q4_0_candidates_never_worse_than_plain_rtn():
+    from signround.tune.rtn import LLAMA_Q4_0_REFIT_GRID
+
+    spec = SPECS["q4_0"]
+    w, imp = _weight(2)
+    mn, mx = search_clip(w, spec, imp, (1.0,), refit_grid=LLAMA_Q4_0_REFIT_GRID)
+    searched, plain = _err(w, spec, imp, mn, mx, 32), _err(w, spec, imp, per=32)
+    assert (searched <= plain * (1 + 1e-5) + 1e-12).all()
+    assert searched.sum() < plain.sum()
+
+
+def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
+    """GGUF q4_0 layers get llama.cpp's narrow refit search (measured better in perplexity);
+    other integer schemes keep the wide clipping grid."""
+    import signround.tune.pipeline as pipeline
+    from signround import AutoRound
+    from signround.tune.rtn import CLIP_GRID, LLAMA_Q4_0_REFIT_GRID
+
+    seen: dict[str, tuple] = {}
+    real = pipeline.search_clip
+
+    def spy(w, spec, importance=None, grid=CLIP_GRID, **kw):
+        seen[spec.ggml_type or spec.data_type] = (grid, kw.get("refit_grid"))
+        return real(w, spec, importance, grid, **kw)
+
+    monkeypatch.setattr(pipeline, "search_clip", spy)
+    for scheme in ("GGUF:Q4_0", "W4A16G32"):
+        AutoRound(str(stories_dir), scheme=scheme, iters=0, nsamples=4, seqlen=32, batch_size=4).quantize()
+    assert seen["q4_0"] == ((1.0,), LLAMA_Q4_0_REFIT_GRID)
+    assert seen["int"] == (CLIP_GRID, None)

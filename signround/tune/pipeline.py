@@ -24,7 +24,7 @@ from ..plan import QuantPlan, untie_output_embedding
 from ..memory import drop_file_pages, release_memory
 from ..qdq import QParams
 from .config import TuneConfig
-from .rtn import CLIP_GRID, COARSE_CLIP_GRID, rtn_layer, search_clip
+from .rtn import CLIP_GRID, COARSE_CLIP_GRID, opt_rtn_grids, rtn_layer, search_clip
 from .signround import UnitResult, qdq_values, tune_unit
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult)
     a clipping search (no activations reach an embedding table); a tied pair is one tensor."""
     for name, spec in plan.ggml_extras.items():
         module = get_module(model, name)
-        mn, mx = search_clip(get_weight(module).detach(), spec, None, COARSE_CLIP_GRID)
+        clip_grid, refit_grid = opt_rtn_grids(spec, COARSE_CLIP_GRID)
+        mn, mx = search_clip(get_weight(module).detach(), spec, None, clip_grid, refit_grid=refit_grid)
         result.qparams[name] = rtn_layer(module, spec, mn, mx)
 
 
@@ -159,10 +160,13 @@ def quantize_calibrated(
 
 def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
-    def grid(spec) -> tuple[float, ...]:
-        # SignRound tunes the clipping further and integer types get a least-squares refit, so their
-        # start needs only a coarse search; FP element grids get neither and keep the fine one
-        return COARSE_CLIP_GRID if cfg.mode == "signround" and spec.data_type.startswith("int") else CLIP_GRID
+    def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+        """(clipping candidates, refit candidates or None for the default)."""
+        if cfg.mode == "signround" and spec.data_type.startswith("int"):
+            # SignRound tunes the clipping further and integer types get a least-squares refit, so
+            # their start needs only a coarse search; FP element grids get neither: the fine one
+            return COARSE_CLIP_GRID, None
+        return opt_rtn_grids(spec, CLIP_GRID)
 
     # when tuning follows, its compiled qdq kernels (same shapes) also serve the clipping search
     compiled_search = cfg.mode == "signround" and cfg.enable_torch_compile
@@ -172,7 +176,8 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
         if compiled_search:
             no_offsets = torch.zeros_like(w)  # one buffer for all candidates of this layer
             fn = lambda w_, mn, mx: qdq_values(spec, w_, no_offsets, mn, mx, True)  # noqa: E731
-        return search_clip(w, spec, importance, grid(spec), qdq_values=fn)
+        clip_grid, refit_grid = grids(spec)
+        return search_clip(w, spec, importance, clip_grid, qdq_values=fn, refit_grid=refit_grid)
 
     def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {rel: search(get_weight(m).detach().to(device).float(), spec, importance.get(rel))
