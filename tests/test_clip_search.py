@@ -97,7 +97,7 @@ def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
     other integer schemes keep the wide clipping grid."""
     import signround.tune.pipeline as pipeline
     from signround import AutoRound
-    from signround.tune.rtn import CLIP_GRID, LLAMA_Q4_0_REFIT_GRID
+    from signround.tune.rtn import CLIP_GRID, LLAMA_Q4_0_REFIT_GRID, REFIT_GRID
 
     seen: dict[str, tuple] = {}
     real = pipeline.search_clip
@@ -110,4 +110,4 @@ def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
     for scheme in ("GGUF:Q4_0", "W4A16G32"):
         AutoRound(str(stories_dir), scheme=scheme, iters=0, nsamples=4, seqlen=32, batch_size=4).quantize()
     assert seen["q4_0"] == ((1.0,), LLAMA_Q4_0_REFIT_GRID)
-    assert seen["int"] == (CLIP_GRID, None)
+    assert seen["int"] == (CLIP_GRID, REFIT_GRID)

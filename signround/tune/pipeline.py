@@ -24,7 +24,7 @@ from ..plan import QuantPlan, untie_output_embedding
 from ..memory import drop_file_pages, release_memory
 from ..qdq import QParams
 from .config import TuneConfig
-from .rtn import CLIP_GRID, COARSE_CLIP_GRID, opt_rtn_grids, rtn_layer, search_clip
+from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, rtn_layer, search_clip
 from .signround import UnitResult, qdq_values, tune_unit
 
 logger = logging.getLogger(__name__)
@@ -160,12 +160,12 @@ def quantize_calibrated(
 
 def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
-    def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-        """(clipping candidates, refit candidates or None for the default)."""
+    def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(clipping candidates, refit candidates)."""
         if cfg.mode == "signround" and spec.data_type.startswith("int"):
             # SignRound tunes the clipping further and integer types get a least-squares refit, so
             # their start needs only a coarse search; FP element grids get neither: the fine one
-            return COARSE_CLIP_GRID, None
+            return COARSE_CLIP_GRID, REFIT_GRID
         return opt_rtn_grids(spec, CLIP_GRID)
 
     # when tuning follows, its compiled qdq kernels (same shapes) also serve the clipping search

@@ -25,6 +25,9 @@ from ..schemes import QuantSpec
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5
 # A start for SignRound, which tunes the clipping further: a quarter of the candidates.
 COARSE_CLIP_GRID = CLIP_GRID[::4]  # 1.0, 0.9, ..., 0.5
+# Candidate ranges for the least-squares refit: llama.cpp also starts from ranges wider than the
+# weights' own (its rmin < 0), since the refit then shrinks the scale to where the codes sit.
+REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
 
 
 def compact(qp: QParams) -> QParams:
@@ -85,7 +88,7 @@ class _Best:
 def search_clip(
     w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
     refit: bool = True, qdq_values: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    refit_grid: tuple[float, ...] | None = None,
+    refit_grid: tuple[float, ...] = REFIT_GRID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (min_scale, max_scale) minimizing sum_j imp_j * (w_ij - qdq(w)_ij)^2.
 
@@ -93,7 +96,7 @@ def search_clip(
     With ``refit``, integer types also try, per candidate range, the weighted least-squares scale
     (and min) for the codes that range gives (llama.cpp's refit), mapped back to clipping ratios.
     ``qdq_values(w, min_scale, max_scale)`` may stand in for the eager qdq (a compiled kernel).
-    ``refit_grid`` replaces the refit's candidate ranges (default ``REFIT_GRID``).
+    ``refit_grid`` holds the refit's candidate ranges.
     """
     w = w.float()
     imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float().to(w.device)
@@ -142,15 +145,12 @@ def search_clip(
         mn, mx = search(mn, mx, "min")
     refit_fn = _REFIT.get((spec.data_type, spec.sym)) if refit else None
     if refit_fn is not None:
-        for r in REFIT_GRID if refit_grid is None else refit_grid:
+        for r in refit_grid:
             consider(*refit_fn(wg, impg, spec, r))
         mn, mx = settle()
     return mn, mx
 
 
-# Candidate ranges for the least-squares refit: llama.cpp also starts from ranges wider than the
-# weights' own (its rmin < 0), since the refit then shrinks the scale to where the codes sit.
-REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
 # llama.cpp's own candidates for its 32-block types (make_qx_quants: the extreme weight at code
 # -(nmax + 0.1 i), i = -9..9), each refit, and no clipping without a refit. Used for every q4_0
 # tensor: on SmolLM2-135M Q2_K_S (attention and gate/up tensors are q4_0) llama-perplexity went
@@ -160,11 +160,11 @@ REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
 LLAMA_Q4_0_REFIT_GRID = tuple(8 / (8 + 0.1 * i) for i in range(-9, 10))
 
 
-def opt_rtn_grids(spec: QuantSpec, clip_grid: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-    """(clipping candidates, refit candidates or None for REFIT_GRID) of the optimized-RTN search."""
+def opt_rtn_grids(spec: QuantSpec, clip_grid: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(clipping candidates, refit candidates) of the optimized-RTN search."""
     if spec.ggml_type == "q4_0":
         return (1.0,), LLAMA_Q4_0_REFIT_GRID
-    return clip_grid, None
+    return clip_grid, REFIT_GRID
 
 
 def _refit_sym(wg: torch.Tensor, impg: torch.Tensor, spec: QuantSpec, r: float):
