@@ -81,23 +81,35 @@ def test_groups_of_search_are_shaped_like_qparams():
     assert mn.shape == mx.shape == to_groups(w, spec.group_size).shape[:2]
 
 
-def test_llama_q4_0_candidates_never_worse_than_plain_rtn():
-    from signround.tune.rtn import LLAMA_Q4_0_REFIT_GRID
+@pytest.mark.parametrize("name", ["q4_0", "q6_k"])
+def test_llama_candidates_never_worse_than_plain_rtn(name):
+    from signround.tune.rtn import opt_rtn_grids
 
-    spec = SPECS["q4_0"]
+    spec = SPECS[name]
     w, imp = _weight(2)
-    mn, mx = search_clip(w, spec, imp, (1.0,), refit_grid=LLAMA_Q4_0_REFIT_GRID)
-    searched, plain = _err(w, spec, imp, mn, mx, 32), _err(w, spec, imp, per=32)
+    clip_grid, refit_grid = opt_rtn_grids(spec, (1.0, 0.5))
+    assert clip_grid == (1.0,) and max(refit_grid) > 1 > min(refit_grid)
+    mn, mx = search_clip(w, spec, imp, clip_grid, refit_grid=refit_grid)
+    per = 256 if spec.data_type.endswith("_dq") else spec.group_size
+    searched, plain = _err(w, spec, imp, mn, mx, per), _err(w, spec, imp, per=per)
     assert (searched <= plain * (1 + 1e-5) + 1e-12).all()
     assert searched.sum() < plain.sum()
 
 
+def test_llama_refit_grid_is_make_qx_quants_candidates():
+    from signround.tune.rtn import llama_refit_grid
+
+    # the extreme weight lands on code -(nmax + 0.1 i), i = -9..9
+    assert llama_refit_grid(4) == pytest.approx([8 / (8 + 0.1 * i) for i in range(-9, 10)])
+    assert llama_refit_grid(6)[9] == 1.0 and llama_refit_grid(6)[0] == pytest.approx(32 / 31.1)
+
+
 def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
     """GGUF q4_0 layers get llama.cpp's narrow refit search (measured better in perplexity);
-    other integer schemes keep the wide clipping grid."""
+    other integer schemes keep the wide clipping grid (q6_k / q4_k: test_gguf_export)."""
     import signround.tune.pipeline as pipeline
     from signround import AutoRound
-    from signround.tune.rtn import CLIP_GRID, LLAMA_Q4_0_REFIT_GRID, REFIT_GRID
+    from signround.tune.rtn import CLIP_GRID, REFIT_GRID, llama_refit_grid
 
     seen: dict[str, tuple] = {}
     real = pipeline.search_clip
@@ -109,5 +121,5 @@ def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
     monkeypatch.setattr(pipeline, "search_clip", spy)
     for scheme in ("GGUF:Q4_0", "W4A16G32"):
         AutoRound(str(stories_dir), scheme=scheme, iters=0, nsamples=4, seqlen=32, batch_size=4).quantize()
-    assert seen["q4_0"] == ((1.0,), LLAMA_Q4_0_REFIT_GRID)
+    assert seen["q4_0"] == ((1.0,), llama_refit_grid(4))
     assert seen["int"] == (CLIP_GRID, REFIT_GRID)

@@ -151,19 +151,28 @@ def search_clip(
     return mn, mx
 
 
-# llama.cpp's own candidates for its 32-block types (make_qx_quants: the extreme weight at code
-# -(nmax + 0.1 i), i = -9..9), each refit, and no clipping without a refit. Used for every q4_0
-# tensor: on SmolLM2-135M Q2_K_S (attention and gate/up tensors are q4_0) llama-perplexity went
-# WikiText-2 31.38 -> 30.92, held-out 27.07 -> 26.69. The wide search clips harder and wins on
-# importance-weighted weight error, yet lost on perplexity, most on attn_v. On q5_0 (Q4_K_M) a
-# narrowed search (clipping >= 0.9 plus these candidates) scored worse, so q5_0 keeps the wide one.
-LLAMA_Q4_0_REFIT_GRID = tuple(8 / (8 + 0.1 * i) for i in range(-9, 10))
+def llama_refit_grid(bits: int) -> tuple[float, ...]:
+    """llama.cpp's make_qx_quants candidates for a symmetric type: the extreme weight at code
+    -(nmax + 0.1 i), i = -9..9, nmax = 2^(bits-1); each is then refit."""
+    nmax = 2 ** (bits - 1)
+    return tuple(nmax / (nmax + 0.1 * i) for i in range(-9, 10))
+
+
+# GGML types searched like llama.cpp does (its refit candidates only, no clipping without a
+# refit) rather than with the wide search, which clips harder: it wins on importance-weighted
+# weight error yet lost on perplexity. SmolLM2-135M, llama-perplexity WikiText-2 / held-out:
+# q4_0 (Q2_K_S attention and gate/up) 31.38 / 27.07 -> 30.92 / 26.69, the loss had been mostly
+# in attn_v; q6_k (Q4_K_M's ffn_down with more bits) 23.61 / 20.77 -> 23.46 / 20.68, found by
+# swapping in llama.cpp's tensors (its q6_k helped, its q4_k did not). q5_0 (Q4_K_M) and q4_k keep
+# the wide search: a narrowed q5_0 search scored worse.
+LLAMA_SEARCHED = ("q4_0", "q6_k")
+LLAMA_Q4_0_REFIT_GRID = llama_refit_grid(4)
 
 
 def opt_rtn_grids(spec: QuantSpec, clip_grid: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(clipping candidates, refit candidates) of the optimized-RTN search."""
-    if spec.ggml_type == "q4_0":
-        return (1.0,), LLAMA_Q4_0_REFIT_GRID
+    if spec.ggml_type in LLAMA_SEARCHED:
+        return (1.0,), llama_refit_grid(spec.bits)
     return clip_grid, REFIT_GRID
 
 
