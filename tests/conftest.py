@@ -40,6 +40,24 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def clip_searches(monkeypatch) -> dict[str, set]:
+    """Records the (clipping grid, refit grid) of every clipping search the pipeline runs, per
+    GGML type (or data type where there is none)."""
+    import signround.tune.pipeline as pipeline
+    from signround.tune.rtn import CLIP_GRID
+
+    seen: dict[str, set] = {}
+    real = pipeline.search_clip
+
+    def spy(w, spec, importance=None, grid=CLIP_GRID, **kw):
+        seen.setdefault(spec.ggml_type or spec.data_type, set()).add((grid, kw.get("refit_grid")))
+        return real(w, spec, importance, grid, **kw)
+
+    monkeypatch.setattr(pipeline, "search_clip", spy)
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="signround")

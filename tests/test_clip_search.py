@@ -104,22 +104,13 @@ def test_llama_refit_grid_is_make_qx_quants_candidates():
     assert llama_refit_grid(6)[9] == 1.0 and llama_refit_grid(6)[0] == pytest.approx(32 / 31.1)
 
 
-def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, monkeypatch):
+def test_opt_rtn_searches_q4_0_with_llamas_candidates(stories_dir, clip_searches):
     """GGUF q4_0 layers get llama.cpp's narrow refit search (measured better in perplexity);
     other integer schemes keep the wide clipping grid (q6_k / q4_k: test_gguf_export)."""
-    import signround.tune.pipeline as pipeline
     from signround import AutoRound
     from signround.tune.rtn import CLIP_GRID, REFIT_GRID, llama_refit_grid
 
-    seen: dict[str, tuple] = {}
-    real = pipeline.search_clip
-
-    def spy(w, spec, importance=None, grid=CLIP_GRID, **kw):
-        seen[spec.ggml_type or spec.data_type] = (grid, kw.get("refit_grid"))
-        return real(w, spec, importance, grid, **kw)
-
-    monkeypatch.setattr(pipeline, "search_clip", spy)
     for scheme in ("GGUF:Q4_0", "W4A16G32"):
         AutoRound(str(stories_dir), scheme=scheme, iters=0, nsamples=4, seqlen=32, batch_size=4).quantize()
-    assert seen["q4_0"] == ((1.0,), llama_refit_grid(4))
-    assert seen["int"] == (CLIP_GRID, REFIT_GRID)
+    assert clip_searches["q4_0"] == {((1.0,), llama_refit_grid(4))}
+    assert clip_searches["int"] == {(CLIP_GRID, REFIT_GRID)}

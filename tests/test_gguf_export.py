@@ -101,24 +101,15 @@ def test_k_quant_mix_loads_in_transformers_with_our_logits(wide_dirs, tmp_path, 
     assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=1e-5)
 
 
-def test_q4_k_m_searches_q6_k_like_llama_and_q4_k_wide(wide_dirs, monkeypatch):
+def test_q4_k_m_searches_q6_k_like_llama_and_q4_k_wide(wide_dirs, clip_searches):
     """Optimized RTN: q6_k tensors get llama.cpp's narrow refit candidates (SmolLM2-135M Q4_K_M
     measured better in perplexity), q4_k keeps the wide clipping grid (measured better there)."""
-    import signround.tune.pipeline as pipeline
     from signround.tune.rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, llama_refit_grid
 
-    seen: dict[str, set] = {}
-    real = pipeline.search_clip
-
-    def spy(w, spec, importance=None, grid=CLIP_GRID, **kw):
-        seen.setdefault(spec.ggml_type, set()).add((grid, kw.get("refit_grid")))
-        return real(w, spec, importance, grid, **kw)
-
-    monkeypatch.setattr(pipeline, "search_clip", spy)
     AutoRound(str(wide_dirs[False]), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32, batch_size=4).quantize()
-    assert seen["q6_k"] == {((1.0,), llama_refit_grid(6))}
+    assert clip_searches["q6_k"] == {((1.0,), llama_refit_grid(6))}
     # block layers search the fine grid, the token embedding (no activations) the coarse one
-    assert seen["q4_k"] == {(CLIP_GRID, REFIT_GRID), (COARSE_CLIP_GRID, REFIT_GRID)}
+    assert clip_searches["q4_k"] == {(CLIP_GRID, REFIT_GRID), (COARSE_CLIP_GRID, REFIT_GRID)}
 
 
 def test_tied_embedding_is_quantized_once_as_the_output(wide_dirs, tmp_path):

@@ -166,7 +166,6 @@ def llama_refit_grid(bits: int) -> tuple[float, ...]:
 # swapping in llama.cpp's tensors (its q6_k helped, its q4_k did not). q5_0 (Q4_K_M) and q4_k keep
 # the wide search: a narrowed q5_0 search scored worse.
 LLAMA_SEARCHED = ("q4_0", "q6_k")
-LLAMA_Q4_0_REFIT_GRID = llama_refit_grid(4)
 
 
 def opt_rtn_grids(spec: QuantSpec, clip_grid: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
