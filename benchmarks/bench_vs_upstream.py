@@ -9,8 +9,9 @@ tokens long, so both keep all of them) and the same settings. Every output (auto
 then loaded with ``signround.load_quantized`` and scored on WikiText-2 test and tinyshakespeare with
 fixed windows. Prints a markdown table and writes JSON next to the outputs.
 
-Run specs: ``TOOL:SCHEME:ITERS`` with TOOL ours|upstream, SCHEME W{bits}G{group}[A] (A: asym),
-ITERS an integer; ``ours:W4G64:rtn`` is plain RTN (iters 0, no opt-RTN) and ITERS 0 is optimized RTN.
+Run specs: ``TOOL:SCHEME:ITERS[:LABEL]`` with TOOL ours|upstream, SCHEME W{bits}G{group}[A] (A: asym),
+ITERS an integer; ``ours:W4G64:rtn`` is plain RTN (iters 0, no opt-RTN) and ITERS 0 is optimized RTN;
+LABEL names a repeat of the same run (its own output directory), for ABBA timing orders.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ FP_PRESETS = ("MXFP4", "MXFP8", "NVFP4", "MXFP4A16", "NVFP4A16", "FPW8A16", "FP8
 
 def parse_run(spec: str) -> dict:
     """``ours|upstream:W4G64[A]:ITERS`` (int, A = asymmetric) or ``ours|upstream:MXFP4:ITERS`` (an FP
-    preset, saved as llm_compressor); ITERS ``rtn`` is plain round-to-nearest, 0 optimized RTN."""
-    tool, scheme, iters = spec.split(":")
+    preset, saved as llm_compressor); ITERS ``rtn`` is plain round-to-nearest, 0 optimized RTN.
+    A fourth field labels a repeat of the same run (``ours:W2G64:50:b``), e.g. to time in ABBA order."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and not re.fullmatch(r"\w+", parts[3])):
+        raise SystemExit(f"bad run spec {spec!r}; expected TOOL:SCHEME:ITERS[:LABEL]")
+    tool, scheme, iters = parts[:3]
     m = re.fullmatch(r"W(\d)G(-?\d+)(A?)", scheme)
     if tool not in ("ours", "upstream") or not (m or scheme in FP_PRESETS):
         raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:W4G64[A]:ITERS or ours|upstream:MXFP4:ITERS")

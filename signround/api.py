@@ -187,7 +187,7 @@ class AutoRound:
         if c.needs_data:
             rec.update(nsamples=c.nsamples, seqlen=c.seqlen, batch_size=c.batch_size)
         if c.iters:
-            lr, minmax_lr = c.lrs_for(self.spec.data_type)
+            lr, minmax_lr = c.lrs_for(self.spec)
             rec.update(lr=lr, minmax_lr=minmax_lr, enable_minmax_tuning=c.enable_minmax_tuning,
                        enable_quanted_input=c.enable_quanted_input)
         return rec

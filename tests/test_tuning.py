@@ -70,16 +70,20 @@ def test_options_change_behaviour(stories_dir):
 
 def test_recipes_and_bad_options(stories_dir):
     from signround.errors import ConfigError
+    from signround.schemes import preset
     from signround.tune.config import tune_config
 
     assert tune_config("best").iters == 1000 and tune_config("best").nsamples == 512
     assert tune_config("light").iters == 50 and tune_config("light").lr == 5e-3
     assert tune_config().iters == 200 and tune_config().lr_value == 1 / 200
-    # nv_fp layers take smaller automatic steps; explicit values and other data types are untouched
-    assert tune_config(iters=50).lrs_for("nv_fp") == pytest.approx((0.005, 0.001))
-    assert tune_config(iters=50).lrs_for("int") == (0.02, 0.02)
-    assert tune_config(iters=50, lr=0.01).lrs_for("nv_fp") == pytest.approx((0.01, 0.002))
-    assert tune_config(iters=50, lr=0.01, minmax_lr=0.01).lrs_for("nv_fp") == (0.01, 0.01)
+    # nv_fp and GGUF layers take smaller automatic steps; explicit values and other types are untouched
+    nv, w4, gguf = preset("NVFP4"), preset("W4A16"), preset("GGUF:Q2_K_S")
+    assert tune_config(iters=50).lrs_for(nv) == pytest.approx((0.005, 0.001))
+    assert tune_config(iters=50).lrs_for(w4) == (0.02, 0.02)
+    assert tune_config(iters=50).lrs_for(gguf) == pytest.approx((0.005, 0.005))
+    assert tune_config(iters=50, lr=0.01).lrs_for(nv) == pytest.approx((0.01, 0.002))
+    assert tune_config(iters=50, lr=0.01).lrs_for(gguf) == (0.01, 0.01)
+    assert tune_config(iters=50, lr=0.01, minmax_lr=0.01).lrs_for(nv) == (0.01, 0.01)
     with pytest.raises(ConfigError, match="unknown recipe"):
         tune_config("fastest")
     with pytest.raises(ConfigError, match="batch_size"):

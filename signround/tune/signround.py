@@ -284,7 +284,7 @@ def tune_unit(
             loss_start, out_start = loss_rtn, out_rtn
         start_state = {k: w.state() for k, w in wrappers.items()}
 
-        lrs = {k: cfg.lrs_for(w.spec.data_type) for k, w in wrappers.items()}
+        lrs = {k: cfg.lrs_for(w.spec) for k, w in wrappers.items()}
         best = math.inf
         best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
