@@ -9,10 +9,10 @@ from ..errors import ConfigError
 from ..schemes import QuantSpec
 
 
-# Automatic step sizes for nv_fp and GGUF (ggml) layers (see TuneConfig.lrs_for).
-NV_FP_LR_FACTOR = 0.25
-NV_FP_MINMAX_RATIO = 0.2
-GGML_LR_FACTOR = 0.25
+# Automatic step sizes where 1/iters overshoots, as (lr * iters, minmax_lr / lr): nv_fp and GGUF
+# (ggml) layers (see TuneConfig.lrs_for).
+NV_FP_STEPS = (0.25, 0.2)
+GGML_STEPS = (0.25, 1.0)
 
 
 @dataclass
@@ -66,13 +66,11 @@ class TuneConfig:
         2.27 (calibration loss about the same for all three); with the default, llama-perplexity
         WikiText-2 rose from 30.92 (optimized RTN) to 33.18.
         """
-        factor = NV_FP_LR_FACTOR if spec.data_type == "nv_fp" else GGML_LR_FACTOR if spec.ggml_type else None
-        if factor is None:
+        steps = NV_FP_STEPS if spec.data_type == "nv_fp" else GGML_STEPS if spec.ggml_type else None
+        if steps is None:
             return self.lr_value, self.minmax_lr_value
-        lr = self.lr if self.lr is not None else factor / max(self.iters, 1)
-        if self.minmax_lr is not None:
-            return lr, self.minmax_lr
-        return lr, lr * NV_FP_MINMAX_RATIO if spec.data_type == "nv_fp" else lr
+        lr = self.lr if self.lr is not None else steps[0] / max(self.iters, 1)
+        return lr, self.minmax_lr if self.minmax_lr is not None else lr * steps[1]
 
     def validate(self) -> "TuneConfig":
         for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen"):
