@@ -5,9 +5,10 @@
 
 Steps: build llama.cpp's tools from the llama-cpp-python sdist (build_llamacpp.py, cached);
 convert the model to an f16 GGUF with llama.cpp's own converter; write the calibration texts
-(the same selection bench_vs_upstream.py uses) as JSON for signround and as one text file for
-`llama-imatrix` (same seqlen, same number of chunks); quantize; then `llama-perplexity` on every
-file over the same WikiText-2 test windows (`-c 512 --chunks N`). Also compares, tensor by tensor,
+(the same selection bench_vs_upstream.py uses) as JSON for signround and, cut to the
+seqlen-token prefixes signround keeps, as one text file for `llama-imatrix` (same seqlen, same
+number of chunks); quantize; then `llama-perplexity` on every file over the same WikiText-2 test
+windows (`-c 512 --chunks N`). Also compares, tensor by tensor,
 the block types of our file with llama.cpp's at the same file type.
 
 Run spec: ``ours:FTYPE:ITERS`` (signround, 0 = optimized RTN) or ``lcpp:FTYPE[:imatrix]``.
@@ -77,7 +78,13 @@ def main() -> int:
     src = bin_dir.parents[1]  # .../vendor/llama.cpp
 
     texts = calibration_texts(args.model, args.nsamples, args.seqlen)
-    calib_txt = "\n\n".join(texts)
+    # signround keeps the first seqlen tokens of each text; llama-imatrix cuts one file into chunks
+    # of seqlen tokens, so it gets exactly those prefixes, one after another (chunk boundaries may
+    # drift by the separator tokens), not the first nsamples x seqlen tokens of the whole texts
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    calib_txt = "\n\n".join(tok.decode(tok(t)["input_ids"][: args.seqlen]) for t in texts)
     (work / "calib.json").write_text(json.dumps(texts))
     (work / "calib.txt").write_text(calib_txt)
     heldout = work / "heldout.txt"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
                 cmd.append("--asym")
         if run["plain_rtn"]:
             cmd.append("--disable_opt_rtn")
+        cmd += shlex.split(args.ours_args)
     else:
         if upy is None:
             return {"skipped": MISSING}
@@ -155,6 +157,8 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
              "seqlen": args.seqlen, "batch_size": args.batch_size}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
+    if run["tool"] == "ours" and args.ours_args:
+        res["ours_args"] = args.ours_args
     # upstream writes tuned models into a subdirectory named after the model and scheme
     found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
     res["dir"] = str(found[0] if found else out)
@@ -193,6 +197,8 @@ def main() -> int:
     ap.add_argument("--eval_windows", type=int, default=16)
     ap.add_argument("--work", default=str(REPO / ".bench" / "runs"))
     ap.add_argument("--eval_only", action="store_true", help="re-score existing outputs")
+    ap.add_argument("--ours_args", default="", help="extra signround CLI options for every ours run, e.g. "
+                    "'--lr 0.01' (label such runs: ours:W2G64:50:lr01)")
     args = ap.parse_args()
     if not Path(args.model).is_dir():
         subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
