@@ -112,6 +112,23 @@ def test_q4_k_m_searches_q6_k_like_llama_and_q4_k_wide(wide_dirs, clip_searches)
     assert clip_searches["q4_k"] == {(CLIP_GRID, REFIT_GRID), (COARSE_CLIP_GRID, REFIT_GRID)}
 
 
+def test_gguf_signround_starts_from_the_optimized_rtn_result(wide_dirs):
+    """SignRound on GGUF types starts from (and is judged against) the optimized-RTN weights, not
+    the coarser start integer schemes use: each block's starting loss is optimized RTN's loss."""
+    kw = dict(scheme="GGUF:Q2_K_S", nsamples=4, seqlen=32, batch_size=4, enable_quanted_input=False,
+              enable_torch_compile=False)  # compiling each GGUF type costs minutes here
+    opt = AutoRound(str(wide_dirs[False]), iters=0, **kw)
+    opt.quantize()
+    tuned = AutoRound(str(wide_dirs[False]), iters=2, **kw)
+    tuned.quantize()
+    blocks = [n for n in opt.result.block_stats if n.startswith("model.layers.")]
+    assert blocks
+    for name in blocks:  # fp-chain inputs: the same for both runs
+        s = tuned.result.block_stats[name]
+        assert s["loss_start"] == pytest.approx(opt.result.block_stats[name]["loss_final"], rel=1e-6)
+        assert s["loss_final"] <= s["loss_start"]
+
+
 def test_tied_embedding_is_quantized_once_as_the_output(wide_dirs, tmp_path):
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM

@@ -162,9 +162,11 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
     def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(clipping candidates, refit candidates)."""
-        if cfg.mode == "signround" and spec.data_type.startswith("int"):
+        if cfg.mode == "signround" and spec.data_type.startswith("int") and spec.ggml_type is None:
             # SignRound tunes the clipping further and integer types get a least-squares refit, so
-            # their start needs only a coarse search; FP element grids get neither: the fine one
+            # their start needs only a coarse search; FP element grids get neither: the fine one.
+            # GGUF types start from exactly the optimized-RTN file: their small steps stay close to
+            # the start (SmolLM2 Q2_K_S WikiText-2: coarse start 31.74, optimized RTN 30.92)
             return COARSE_CLIP_GRID, REFIT_GRID
         return opt_rtn_grids(spec, CLIP_GRID)
 
