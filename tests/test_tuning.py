@@ -139,3 +139,48 @@ def test_clip_search_through_compiled_qdq_chooses_the_same():
         got = search_clip(w, spec, imp, COARSE_CLIP_GRID,
                           qdq_values=lambda w_, mn, mx, spec=spec: qdq_values(spec, w_, torch.zeros_like(w_), mn, mx, True))
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+
+def test_best_iteration_is_judged_relative_to_each_minibatchs_start():
+    """Minibatches differ in difficulty; the kept iteration is the one whose minibatch loss is
+    lowest relative to the same samples' starting loss, not the lowest raw loss (which would keep
+    whichever iteration happened to draw the easy samples)."""
+    from signround.schemes import preset
+    from signround.tune.config import TuneConfig
+    from signround.tune.signround import tune_unit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    x = torch.randn(4, 8, 64)
+    x[:2] *= 30.0  # two loud samples: their losses are ~900x the quiet ones'
+    w_fp = lin.weight.detach().clone()
+    calls: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
+
+    def target(idx, xb):
+        return torch.nn.functional.linear(xb, w_fp)
+
+    def run(unit, xb):
+        out = unit(xb)
+        calls.append((torch.is_grad_enabled(), xb, out.detach().clone()))
+        return out
+
+    cfg = TuneConfig(iters=12, batch_size=1, enable_torch_compile=False)
+    res = tune_unit(lin, {"": (lin, preset("W2A16G32"))}, x, target, run, cfg, torch.device("cpu"),
+                    generator=torch.Generator().manual_seed(1))
+
+    def loss(xb, out):
+        return torch.nn.functional.mse_loss(out, target(None, xb)).item()
+
+    passes = [c for c in calls if not c[0]]
+    start = [loss(xb, out) for _, xb, out in passes[:4]]  # no init: the start is plain RTN, in order
+    steps = [(xb, out) for grad, xb, out in calls if grad]
+    assert len(steps) == cfg.iters
+    sample = [next(i for i in range(4) if torch.equal(x[i], xb[0])) for xb, _ in steps]
+    raw = [loss(xb, out) for xb, out in steps]
+    rel = [r / start[i] for r, i in zip(raw, sample)]
+    expected = min(range(cfg.iters), key=rel.__getitem__)
+    assert min(range(cfg.iters), key=raw.__getitem__) != expected  # the two rules disagree here
+    assert res.stats.best_iter == expected
+    assert res.stats.loss_best == pytest.approx(raw[expected], rel=1e-5)
+    assert res.stats.loss_final <= res.stats.loss_start

@@ -3,8 +3,8 @@
 For one "unit" (a decoder block, or a single layer outside blocks) the quantized unit on quantized
 inputs is fit to the fp unit's outputs on fp inputs with MSE; each step moves every parameter by
 ``lr * sign(grad)`` with lr decaying linearly to 0, V kept in [-0.5, 0.5] and scales in [0, 1].
-The parameters of the iteration with the lowest loss are kept, and the result is compared with the
-starting point (RTN / optimized RTN) on all calibration samples, so tuning never makes a unit worse.
+The parameters of the iteration whose minibatch loss is lowest relative to the same samples'
+starting loss are kept, and the result is compared with the starting point (RTN / optimized RTN) on all calibration samples, so tuning never makes a unit worse.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class UnitStats:
     loss_start: float  # the starting point (RTN or optimized RTN) on all calibration samples
     loss_final: float  # what is kept, on all calibration samples
     loss_iter0: float  # minibatch loss at iteration 0
-    loss_best: float  # best minibatch loss seen
+    loss_best: float  # minibatch loss at the kept iteration
     best_iter: int
     iters_run: int
 
@@ -175,24 +175,33 @@ class UnitResult:
     outputs: torch.Tensor | None  # the unit's outputs with the kept parameters (keep_outputs=True)
 
 
+@dataclass
+class _Pass:
+    loss: float  # MSE over all samples
+    per_sample: torch.Tensor  # MSE of each sample (CPU, float64)
+    outputs: torch.Tensor | None
+
+
 def _full_pass(
     run: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     target: Callable[[slice], torch.Tensor],
     bs: int,
     keep_outputs: bool = False,
-) -> tuple[float, torch.Tensor | None]:
+) -> _Pass:
     """MSE against the targets over all samples; optionally the outputs too (stored like x)."""
-    total, count, outs = 0.0, 0, []
+    per, outs = [], []
     with torch.no_grad():
         for i in range(0, x.shape[0], bs):
             sl = slice(i, i + bs)
             out = run(x[sl])
-            total += F.mse_loss(out.float(), target(sl).float(), reduction="sum").item()
-            count += out.numel()
+            d = F.mse_loss(out.float(), target(sl).float(), reduction="none")
+            per.append(d.reshape(d.shape[0], -1).double().mean(1).cpu())
             if keep_outputs:
                 outs.append(out.to(x.device, torch.float32))
-    return total / max(count, 1), (torch.cat(outs) if keep_outputs else None)
+    per_sample = torch.cat(per) if per else torch.zeros(0, dtype=torch.float64)
+    loss = per_sample.mean().item() if per else 0.0  # samples have equal lengths
+    return _Pass(loss, per_sample, torch.cat(outs) if keep_outputs else None)
 
 
 class _Importance:
@@ -267,32 +276,36 @@ def tune_unit(
             for w in collect:
                 w.collect_act = True
             try:
-                _full_pass(run_unit, x_q, full_target, bs)
+                _full_pass(run_unit, x_q, full_target, bs)  # the wrappers record the ranges
             finally:
                 for w in collect:
                     w.collect_act = False
         imp = _Importance(wrappers) if init is not None else None
         try:  # plain RTN (the wrappers start with no offsets and full range)
-            loss_rtn, out_rtn = _full_pass(run_unit, x_q, full_target, bs, keep_outputs and init is None)
+            rtn = _full_pass(run_unit, x_q, full_target, bs, keep_outputs and init is None)
         finally:
             importance = imp.close() if imp is not None else {}
+        start = rtn
         if init is not None:
             for rel, (mn, mx) in init(importance).items():
                 wrappers[rel].load([torch.zeros_like(wrappers[rel].v), mn, mx])
-            loss_start, out_start = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
-        else:
-            loss_start, out_start = loss_rtn, out_rtn
+            start = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+        loss_rtn, loss_start, out_start = rtn.loss, start.loss, start.outputs
+        # Minibatches differ in difficulty (at 2 bits some samples' losses are several times
+        # others'), so the best iteration is the one whose minibatch loss is lowest relative to
+        # the same samples' starting loss, not the lowest raw loss (which favours easy batches).
+        ref = start.per_sample.clamp_min(torch.finfo(torch.float64).tiny)
         start_state = {k: w.state() for k, w in wrappers.items()}
 
         lrs = {k: cfg.lrs_for(w.spec) for k, w in wrappers.items()}
-        best = math.inf
+        best = best_score = math.inf
         best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
         loss_iter0 = math.nan
         perm = torch.randperm(n, generator=generator)
         pos = 0
         for it in range(cfg.iters):
-            total = 0.0
+            total = ref_total = 0.0
             for _ in range(cfg.gradient_accumulate_steps):
                 if pos + bs > n:
                     perm = torch.randperm(n, generator=generator)
@@ -305,13 +318,15 @@ def tune_unit(
                 loss = F.mse_loss(run(unit, xb).float(), tb.float())
                 (loss / cfg.gradient_accumulate_steps).backward()
                 total += loss.item() / cfg.gradient_accumulate_steps
+                ref_total += ref[idx].mean().item() / cfg.gradient_accumulate_steps
             if not math.isfinite(total):
                 logger.warning("non-finite loss at iteration %d; keeping the best parameters found so far", it)
                 break
             if it == 0:
                 loss_iter0 = total
-            if total < best:
-                best, best_iter = total, it
+            score = total / ref_total
+            if score < best_score:
+                best_score, best, best_iter = score, total, it
                 if not cfg.not_use_best_mse:
                     for k, w in wrappers.items():
                         w.save_into(best_state[k])
@@ -325,7 +340,8 @@ def tune_unit(
         if iters_run:
             for k, w in wrappers.items():
                 w.load(best_state[k])
-            loss_final, outputs = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+            final = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+            loss_final, outputs = final.loss, final.outputs
             if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
                 for k, w in wrappers.items():
                     w.load(start_state[k])
