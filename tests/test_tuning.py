@@ -172,10 +172,12 @@ def test_best_iteration_is_judged_relative_to_each_minibatchs_start():
     def loss(xb, out):
         return torch.nn.functional.mse_loss(out, target(None, xb)).item()
 
-    passes = [c for c in calls if not c[0]]
-    start = [loss(xb, out) for _, xb, out in passes[:4]]  # no init: the start is plain RTN, in order
-    steps = [(xb, out) for grad, xb, out in calls if grad]
-    assert len(steps) == cfg.iters
+    # no init: a plain-RTN pass over the 4 samples in order (the start), the iterations, a final pass
+    assert len(calls) == 4 + cfg.iters + 4
+    start = [loss(xb, out) for _, xb, out in calls[:4]]
+    steps = [(xb, out) for _, xb, out in calls[4 : 4 + cfg.iters]]
+    # the last iteration is only scored: the step after it would never be evaluated, so no backward
+    assert [grad for grad, _, _ in calls[4 : 4 + cfg.iters]] == [True] * (cfg.iters - 1) + [False]
     sample = [next(i for i in range(4) if torch.equal(x[i], xb[0])) for xb, _ in steps]
     raw = [loss(xb, out) for xb, out in steps]
     rel = [r / start[i] for r, i in zip(raw, sample)]
@@ -184,3 +186,27 @@ def test_best_iteration_is_judged_relative_to_each_minibatchs_start():
     assert res.stats.best_iter == expected
     assert res.stats.loss_best == pytest.approx(raw[expected], rel=1e-5)
     assert res.stats.loss_final <= res.stats.loss_start
+
+
+def test_not_use_best_mse_keeps_the_last_step():
+    """Without best-iteration restore the final parameters are the ones after the last step, so
+    every iteration, the last included, runs its backward and steps."""
+    from signround.schemes import preset
+    from signround.tune.config import TuneConfig
+    from signround.tune.signround import tune_unit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    x = torch.randn(4, 8, 64)
+    w_fp = lin.weight.detach().clone()
+    grads: list[bool] = []
+
+    def run(unit, xb):
+        grads.append(torch.is_grad_enabled())
+        return unit(xb)
+
+    cfg = TuneConfig(iters=5, batch_size=2, not_use_best_mse=True, enable_torch_compile=False)
+    res = tune_unit(lin, {"": (lin, preset("W2A16G32"))}, x, lambda idx, xb: torch.nn.functional.linear(xb, w_fp),
+                    run, cfg, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    assert grads[2 : 2 + cfg.iters] == [True] * cfg.iters  # after the 2-batch RTN pass
+    assert res.stats.iters_run == cfg.iters

@@ -9,6 +9,7 @@ starting loss are kept, and the result is compared with the starting point (RTN 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -305,6 +306,9 @@ def tune_unit(
         perm = torch.randperm(n, generator=generator)
         pos = 0
         for it in range(cfg.iters):
+            # the step after the last evaluation is never scored, so it only matters when the
+            # final parameters are kept as they are (not_use_best_mse): skip its backward otherwise
+            last_unscored = it == cfg.iters - 1 and not cfg.not_use_best_mse
             total = ref_total = 0.0
             for _ in range(cfg.gradient_accumulate_steps):
                 if pos + bs > n:
@@ -315,8 +319,10 @@ def tune_unit(
                 xb = x_q[idx].to(device)
                 with torch.no_grad():
                     tb = target(idx, xb)
-                loss = F.mse_loss(run(unit, xb).float(), tb.float())
-                (loss / cfg.gradient_accumulate_steps).backward()
+                with torch.no_grad() if last_unscored else contextlib.nullcontext():
+                    loss = F.mse_loss(run(unit, xb).float(), tb.float())
+                if not last_unscored:
+                    (loss / cfg.gradient_accumulate_steps).backward()
                 total += loss.item() / cfg.gradient_accumulate_steps
                 ref_total += ref[idx].mean().item() / cfg.gradient_accumulate_steps
             if not math.isfinite(total):
@@ -330,6 +336,8 @@ def tune_unit(
                 if not cfg.not_use_best_mse:
                     for k, w in wrappers.items():
                         w.save_into(best_state[k])
+            if last_unscored:
+                break
             decay = 1.0 - it / cfg.iters
             for k, wr in wrappers.items():
                 wr.signed_step(lrs[k][0] * decay, lrs[k][1] * decay)
