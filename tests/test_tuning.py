@@ -210,3 +210,34 @@ def test_not_use_best_mse_keeps_the_last_step():
                     run, cfg, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
     assert grads[2 : 2 + cfg.iters] == [True] * cfg.iters  # after the 2-batch RTN pass
     assert res.stats.iters_run == cfg.iters
+
+
+def test_nan_loss_during_tuning_keeps_the_best_parameters_and_says_so(caplog):
+    """A loss that turns NaN mid-tuning stops the loop with a warning; the block keeps the best
+    finite parameters (never NaN weights)."""
+    from signround.schemes import preset
+    from signround.tune.config import TuneConfig
+    from signround.tune.signround import tune_unit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    x = torch.randn(4, 8, 64)
+    w_fp = lin.weight.detach().clone()
+    steps = [0]
+
+    def run(unit, xb):
+        out = unit(xb)
+        if torch.is_grad_enabled():
+            steps[0] += 1
+            if steps[0] == 4:  # the 4th iteration blows up
+                out = out * float("nan")
+        return out
+
+    cfg = TuneConfig(iters=10, batch_size=2, enable_torch_compile=False)
+    with caplog.at_level("WARNING"):
+        res = tune_unit(lin, {"": (lin, preset("W2A16G32"))}, x, lambda idx, xb: torch.nn.functional.linear(xb, w_fp),
+                        run, cfg, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    assert "non-finite loss at iteration 3" in caplog.text
+    assert res.stats.iters_run == 4 and res.stats.best_iter < 3
+    assert torch.isfinite(lin.weight).all()
+    assert res.stats.loss_final <= res.stats.loss_start
