@@ -70,7 +70,8 @@ def parse_run(spec: str) -> dict:
         raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:W4G64[A]:ITERS or ours|upstream:MXFP4:ITERS")
     plain = iters == "rtn"
     run = {"tool": tool, "scheme": scheme, "preset": None if m else scheme, "iters": 0 if plain else int(iters),
-           "plain_rtn": plain, "name": spec.replace(":", "_")}
+           "plain_rtn": plain, "name": spec.replace(":", "_"),
+           "label": parts[3] if len(parts) == 4 else None}
     if m:
         run.update(bits=int(m.group(1)), group_size=int(m.group(2)), sym=not m.group(3))
     return run
@@ -149,7 +150,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
                 cmd.append("--asym")
         if run["plain_rtn"]:
             cmd.append("--disable_opt_rtn")
-        cmd += shlex.split(args.ours_args)
+        cmd += shlex.split(run_ours_args(run, args))
     else:
         if upy is None:
             return {"skipped": MISSING}
@@ -157,14 +158,30 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
              "seqlen": args.seqlen, "batch_size": args.batch_size}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
-    if run["tool"] == "ours" and args.ours_args:
-        res["ours_args"] = args.ours_args
+    if run["tool"] == "ours" and run_ours_args(run, args):
+        res["ours_args"] = run_ours_args(run, args)
     # upstream writes tuned models into a subdirectory named after the model and scheme
     found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
     res["dir"] = str(found[0] if found else out)
     if res["returncode"] != 0:
         res["error"] = (work / f"{run['name']}.log").read_text()[-2000:]
     return res
+
+
+def run_ours_args(run: dict, args) -> str:
+    """Extra signround options for one run: ``--ours_args`` plus the ``--label_args`` of its label
+    (later options win, so a label can override a shared setting such as ``--batch_size``)."""
+    return " ".join(a for a in (args.ours_args, args.label_args.get(run.get("label"), "")) if a)
+
+
+def parse_label_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        label, sep, opts = item.partition("=")
+        if not sep or not re.fullmatch(r"\w+", label):
+            raise SystemExit(f"bad --label_args {item!r}; expected LABEL='--option value ...'")
+        out[label] = opts
+    return out
 
 
 def evaluate(path: str, fp: bool, args) -> dict:
@@ -199,7 +216,11 @@ def main() -> int:
     ap.add_argument("--eval_only", action="store_true", help="re-score existing outputs")
     ap.add_argument("--ours_args", default="", help="extra signround CLI options for every ours run, e.g. "
                     "'--lr 0.01' (label such runs: ours:W2G64:50:lr01)")
+    ap.add_argument("--label_args", action="append", default=[], metavar="LABEL=ARGS",
+                    help="extra signround CLI options for the ours runs with that label, e.g. "
+                    "--label_args 'bs4=--batch_size 4' with run ours:W4G64:50:bs4 (repeatable)")
     args = ap.parse_args()
+    args.label_args = parse_label_args(args.label_args)
     if not Path(args.model).is_dir():
         subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
     work = Path(args.work)

@@ -1,0 +1,39 @@
+"""The upstream benchmark's run specs: what a user types decides which settings each run gets."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_upstream.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_upstream", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_specs_parse_scheme_iters_and_label(bench):
+    r = bench.parse_run("ours:W2G64A:50:bs4")
+    assert (r["tool"], r["bits"], r["group_size"], r["sym"], r["iters"], r["label"]) == ("ours", 2, 64, False, 50, "bs4")
+    assert r["name"] == "ours_W2G64A_50_bs4"
+    plain = bench.parse_run("ours:W4G128:rtn")
+    assert plain["plain_rtn"] and plain["iters"] == 0 and plain["label"] is None
+    with pytest.raises(SystemExit, match="expected TOOL:SCHEME:ITERS"):
+        bench.parse_run("ours:W4G64")
+    with pytest.raises(SystemExit, match="ours\\|upstream"):
+        bench.parse_run("theirs:W4G64:50")
+
+
+def test_label_args_reach_only_runs_with_that_label_and_come_last(bench):
+    labels = bench.parse_label_args(["bs4=--batch_size 4", "lr=--lr 0.01 --minmax_lr 0.01"])
+    args = argparse.Namespace(ours_args="--seed 1", label_args=labels)
+    assert bench.run_ours_args(bench.parse_run("ours:W4G64:50:bs4"), args) == "--seed 1 --batch_size 4"
+    assert bench.run_ours_args(bench.parse_run("ours:W4G64:50"), args) == "--seed 1"
+    assert bench.run_ours_args(bench.parse_run("ours:W4G64:50:lr"), args).endswith("--lr 0.01 --minmax_lr 0.01")
+    with pytest.raises(SystemExit, match="LABEL="):
+        bench.parse_label_args(["--batch_size 4"])
