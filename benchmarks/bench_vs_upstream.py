@@ -138,6 +138,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
         import shutil
 
         shutil.rmtree(out)
+    extra = run_ours_args(run, args) if run["tool"] == "ours" else ""
     if run["tool"] == "ours":
         cmd = [sys.executable, "-m", "signround", "--model", args.model, "--iters", str(run["iters"]),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", str(args.batch_size),
@@ -150,7 +151,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
                 cmd.append("--asym")
         if run["plain_rtn"]:
             cmd.append("--disable_opt_rtn")
-        cmd += shlex.split(run_ours_args(run, args))
+        cmd += shlex.split(extra)
     else:
         if upy is None:
             return {"skipped": MISSING}
@@ -158,8 +159,8 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
              "seqlen": args.seqlen, "batch_size": args.batch_size}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
-    if run["tool"] == "ours" and run_ours_args(run, args):
-        res["ours_args"] = run_ours_args(run, args)
+    if extra:
+        res["ours_args"] = extra
     # upstream writes tuned models into a subdirectory named after the model and scheme
     found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
     res["dir"] = str(found[0] if found else out)
@@ -182,6 +183,15 @@ def parse_label_args(items: list[str]) -> dict[str, str]:
             raise SystemExit(f"bad --label_args {item!r}; expected LABEL='--option value ...'")
         out[label] = opts
     return out
+
+
+def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
+    """A ``--label_args`` label that no ours run carries would silently change nothing: refuse it."""
+    used = {r["label"] for r in runs if r["tool"] == "ours"}
+    for label in label_args:
+        if label not in used:
+            raise SystemExit(f"--label_args {label!r} matches no ours run in --runs; "
+                             f"add ':{label}' to an ours run spec, e.g. ours:W4G64:50:{label}")
 
 
 def evaluate(path: str, fp: bool, args) -> dict:
@@ -221,6 +231,8 @@ def main() -> int:
                     "--label_args 'bs4=--batch_size 4' with run ours:W4G64:50:bs4 (repeatable)")
     args = ap.parse_args()
     args.label_args = parse_label_args(args.label_args)
+    runs = [parse_run(s) for s in args.runs.split(",") if s]
+    check_labels(runs, args.label_args)
     if not Path(args.model).is_dir():
         subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
     work = Path(args.work)
@@ -228,7 +240,6 @@ def main() -> int:
     calib = work / "calib.json"
     calib.write_text(json.dumps(calibration_texts(args.model, args.nsamples, args.seqlen)))
     upy = upstream_python()
-    runs = [parse_run(s) for s in args.runs.split(",") if s]
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if "fp" not in results:
@@ -245,7 +256,10 @@ def main() -> int:
         print(json.dumps({k: v for k, v in (r or {}).items() if k != "error"}), flush=True)
     fp = results["fp"]["ppl"]
     print(f"\nmodel {Path(args.model).name}; calibration {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}; "
-          f"perplexity over {args.eval_windows} windows x {args.eval_seqlen} tokens\n")
+          f"perplexity over {args.eval_windows} windows x {args.eval_seqlen} tokens")
+    for label, opts in args.label_args.items():  # e.g. a batch size that overrides the one above
+        print(f"ours runs labelled {label}: {opts}")
+    print()
     print("| run | wall s | peak RSS MiB | WikiText-2 ppl | tinyshakespeare ppl |")
     print("|---|---|---|---|---|")
     print(f"| fp16 model | | | {fp['wikitext2']:.2f} | {fp['tinyshakespeare']:.2f} |")

@@ -37,3 +37,12 @@ def test_label_args_reach_only_runs_with_that_label_and_come_last(bench):
     assert bench.run_ours_args(bench.parse_run("ours:W4G64:50:lr"), args).endswith("--lr 0.01 --minmax_lr 0.01")
     with pytest.raises(SystemExit, match="LABEL="):
         bench.parse_label_args(["--batch_size 4"])
+
+
+def test_label_args_for_no_ours_run_are_refused_before_any_work(bench):
+    runs = [bench.parse_run(s) for s in ("ours:W4G64:50:bs4", "upstream:W4G64:50:b")]
+    bench.check_labels(runs, {"bs4": "--batch_size 4"})
+    with pytest.raises(SystemExit, match="add ':bs2' to an ours run spec"):
+        bench.check_labels(runs, {"bs2": "--batch_size 2"})
+    with pytest.raises(SystemExit, match="matches no ours run"):  # labels on upstream runs get no options
+        bench.check_labels(runs, {"b": "--batch_size 2"})
