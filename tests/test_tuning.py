@@ -241,3 +241,47 @@ def test_nan_loss_during_tuning_keeps_the_best_parameters_and_says_so(caplog):
     assert res.stats.iters_run == 4 and res.stats.best_iter < 3
     assert torch.isfinite(lin.weight).all()
     assert res.stats.loss_final <= res.stats.loss_start
+
+
+def test_micro_batched_step_has_the_whole_minibatchs_gradient():
+    """On a CPU a minibatch runs as smaller forward/backward passes over qdq weights computed once;
+    the offsets and clipping scales must get the gradient of the whole minibatch's loss."""
+    from signround.schemes import preset
+    from signround.tune.signround import TunableLayer, backprop_shared, shared_weights
+
+    torch.manual_seed(0)
+    spec = preset("W2A16G32")
+    a, b = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(48, 16, bias=True)
+    x, y = torch.randn(6, 5, 64), torch.randn(6, 5, 16)
+
+    def grads(micro: int | None):
+        la = TunableLayer(a, spec, None, None, tune_minmax=True)
+        lb = TunableLayer(b, spec, None, None, tune_minmax=True)
+        with torch.no_grad():  # start away from zero offsets so every element has a gradient path
+            for layer in (la, lb):
+                layer.v.uniform_(-0.4, 0.4, generator=torch.Generator().manual_seed(3))
+        if micro is None:
+            torch.nn.functional.mse_loss(lb(torch.relu(la(x))), y).backward()
+        else:
+            with shared_weights([la, lb], grad=True):
+                for sub in torch.arange(6).split(micro):
+                    out = lb(torch.relu(la(x[sub])))
+                    (torch.nn.functional.mse_loss(out, y[sub]) * len(sub) / 6).backward()
+                assert la.v.grad is None  # nothing reaches the parameters before backprop_shared
+                backprop_shared([la, lb])
+        return [p.grad.clone() for layer in (la, lb) for p in (layer.v, layer.min_scale, layer.max_scale)]
+
+    whole = grads(None)
+    for micro in (1, 4):
+        for g_whole, g_micro in zip(whole, grads(micro)):
+            torch.testing.assert_close(g_micro, g_whole, rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batch_size_caps_tokens_per_pass_on_cpu_only():
+    from signround.tune.signround import CPU_MICRO_TOKENS, micro_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert micro_batch_size(8, torch.empty(16, 256, 4), cpu) == CPU_MICRO_TOKENS // 256
+    assert micro_batch_size(8, torch.empty(16, 2048, 4), cpu) == 1  # one long sample per pass
+    assert micro_batch_size(2, torch.empty(16, 16, 4), cpu) == 2  # never more than the minibatch
+    assert micro_batch_size(8, torch.empty(16, 2048, 4), cuda) == 8

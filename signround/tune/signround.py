@@ -103,6 +103,10 @@ class TunableLayer(nn.Module):
         # activation quantization: static range measured in a calibration pass (collect_act=True)
         self.act_amax: torch.Tensor | None = None
         self.collect_act = False
+        # qdq weights shared by the forwards of one step (see shared_weights): the leaf the
+        # forwards use, and the graph from (v, min_scale, max_scale) to it
+        self._w_leaf: torch.Tensor | None = None
+        self._w_graph: torch.Tensor | None = None
 
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
@@ -116,11 +120,20 @@ class TunableLayer(nn.Module):
             self.act_amax = a if self.act_amax is None else torch.maximum(self.act_amax, a)
         elif self.spec.act_quantized:
             x = qdq_act(x, self.spec, self.act_amax)
-        w = self.qdq_values()
+        w = self._w_leaf if self._w_leaf is not None else self.qdq_values()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def share_weight(self, grad: bool) -> None:
+        """Compute the qdq weight once for the forwards that follow (until backprop_shared)."""
+        if grad:
+            self._w_graph = self.qdq_values()
+            self._w_leaf = self._w_graph.detach().requires_grad_()
+        else:
+            with torch.no_grad():
+                self._w_leaf = self.qdq_values()
 
     def state(self) -> list[torch.Tensor]:
         return [self.v.detach().clone(), self.min_scale.detach().clone(), self.max_scale.detach().clone()]
@@ -152,6 +165,43 @@ class TunableLayer(nn.Module):
         attach_act_quant(self.orig, self.spec, self.act_amax)
         qp.input_amax = self.act_amax
         return compact(qp)
+
+
+@contextlib.contextmanager
+def shared_weights(wrappers: list[TunableLayer], grad: bool):
+    """Within the block, every forward uses qdq weights computed once on entry. With ``grad``,
+    the forwards' backward passes accumulate gradients on those weights, and ``backprop_shared``
+    carries the sum through qdq to the offsets and clipping scales in one pass: a minibatch can
+    then run as several smaller forward/backward passes (less activation memory) whose gradient
+    is the whole minibatch's, for one qdq forward and backward per step."""
+    for w in wrappers:
+        w.share_weight(grad)
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w._w_leaf = w._w_graph = None
+
+
+def backprop_shared(wrappers: list[TunableLayer]) -> None:
+    """Carry the gradients gathered on the shared qdq weights back to each layer's parameters."""
+    pairs = [(w._w_graph, w._w_leaf.grad) for w in wrappers
+             if w._w_graph is not None and w._w_leaf is not None and w._w_leaf.grad is not None]
+    if pairs:
+        torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+
+
+# On a CPU a minibatch runs as forward/backward passes of at most this many tokens: activation
+# memory then stays that of a small batch, and matmuls of this height still run at full speed.
+CPU_MICRO_TOKENS = 1024
+
+
+def micro_batch_size(bs: int, x: torch.Tensor, device: torch.device) -> int:
+    """Samples per forward/backward pass within a minibatch of ``bs`` (all of it off the CPU)."""
+    if device.type != "cpu" or x.dim() < 3:
+        return bs
+    tokens = max(1, x[0].numel() // x.shape[-1])
+    return max(1, min(bs, CPU_MICRO_TOKENS // tokens))
 
 
 @dataclass
@@ -269,28 +319,34 @@ def tune_unit(
             wr.max_scale.requires_grad_(cfg.enable_minmax_tuning)
         n = x_q.shape[0]
         bs = min(cfg.batch_size, n)
+        mb = micro_batch_size(bs, x_q, device)
+        layer_list = list(wrappers.values())
         full_target = lambda sl: target(sl, x_q[sl].to(device))  # noqa: E731
         run_unit = lambda xb: run(unit, xb.to(device))  # noqa: E731
+
+        def full_pass(keep: bool = False) -> _Pass:
+            with shared_weights(layer_list, grad=False):  # one qdq per layer for the whole pass
+                return _full_pass(run_unit, x_q, full_target, bs, keep)
 
         collect = [w for w in wrappers.values() if w.spec.needs_act_range]
         if collect:  # static activation ranges, measured with the RTN weights of earlier layers
             for w in collect:
                 w.collect_act = True
             try:
-                _full_pass(run_unit, x_q, full_target, bs)  # the wrappers record the ranges
+                full_pass()  # the wrappers record the ranges
             finally:
                 for w in collect:
                     w.collect_act = False
         imp = _Importance(wrappers) if init is not None else None
         try:  # plain RTN (the wrappers start with no offsets and full range)
-            rtn = _full_pass(run_unit, x_q, full_target, bs, keep_outputs and init is None)
+            rtn = full_pass(keep_outputs and init is None)
         finally:
             importance = imp.close() if imp is not None else {}
         start = rtn
         if init is not None:
             for rel, (mn, mx) in init(importance).items():
                 wrappers[rel].load([torch.zeros_like(wrappers[rel].v), mn, mx])
-            start = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+            start = full_pass(keep_outputs)
         loss_rtn, loss_start, out_start = rtn.loss, start.loss, start.outputs
         # Minibatches differ in difficulty (at 2 bits some samples' losses are several times
         # others'), so the best iteration is the one whose minibatch loss is lowest relative to
@@ -316,14 +372,19 @@ def tune_unit(
                     pos = 0
                 idx = perm[pos : pos + bs]
                 pos += bs
-                xb = x_q[idx].to(device)
-                with torch.no_grad():
-                    tb = target(idx, xb)
-                with torch.no_grad() if last_unscored else contextlib.nullcontext():
-                    loss = F.mse_loss(run(unit, xb).float(), tb.float())
-                if not last_unscored:
-                    (loss / cfg.gradient_accumulate_steps).backward()
-                total += loss.item() / cfg.gradient_accumulate_steps
+                with shared_weights(layer_list, grad=not last_unscored):
+                    for sub in idx.split(mb):
+                        xb = x_q[sub].to(device)
+                        with torch.no_grad():
+                            tb = target(sub, xb)
+                        share = len(sub) / (len(idx) * cfg.gradient_accumulate_steps)
+                        with torch.no_grad() if last_unscored else contextlib.nullcontext():
+                            loss = F.mse_loss(run(unit, xb).float(), tb.float()) * share
+                        if not last_unscored:
+                            loss.backward()
+                        total += loss.item()
+                    if not last_unscored:
+                        backprop_shared(layer_list)
                 ref_total += ref[idx].mean().item() / cfg.gradient_accumulate_steps
             if not math.isfinite(total):
                 logger.warning("non-finite loss at iteration %d; keeping the best parameters found so far", it)
@@ -348,7 +409,7 @@ def tune_unit(
         if iters_run:
             for k, w in wrappers.items():
                 w.load(best_state[k])
-            final = _full_pass(run_unit, x_q, full_target, bs, keep_outputs)
+            final = full_pass(keep_outputs)
             loss_final, outputs = final.loss, final.outputs
             if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
                 for k, w in wrappers.items():
