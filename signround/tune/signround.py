@@ -3,9 +3,8 @@
 For one "unit" (a decoder block, or a single layer outside blocks) the quantized unit on quantized
 inputs is fit to the fp unit's outputs on fp inputs with MSE; each step moves every parameter by
 ``lr * sign(grad)`` with lr decaying linearly to 0, V kept in [-0.5, 0.5] and scales in [0, 1].
-The candidates are the iteration whose minibatch loss is lowest relative to the same samples'
-starting loss, the last iterate and the starting point (RTN / optimized RTN); the one with the
-lowest loss on all calibration samples is kept, so tuning never makes a unit worse.
+The parameters of the iteration whose minibatch loss is lowest relative to the same samples'
+starting loss are kept, and the result is compared with the starting point (RTN / optimized RTN) on all calibration samples, so tuning never makes a unit worse.
 """
 
 from __future__ import annotations
@@ -214,7 +213,6 @@ class UnitStats:
     loss_best: float  # minibatch loss at the kept iteration
     best_iter: int
     iters_run: int
-    kept: str = "start"  # which parameters were kept: "start", "best" (minibatch rule) or "last"
 
     def as_dict(self) -> dict[str, Any]:
         # JSON has no inf/nan: statistics of loops that did not run are None
@@ -361,7 +359,6 @@ def tune_unit(
         best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
         loss_iter0 = math.nan
-        stopped = False
         perm = torch.randperm(n, generator=generator)
         pos = 0
         for it in range(cfg.iters):
@@ -391,7 +388,6 @@ def tune_unit(
                 ref_total += ref[idx].mean().item() / cfg.gradient_accumulate_steps
             if not math.isfinite(total):
                 logger.warning("non-finite loss at iteration %d; keeping the best parameters found so far", it)
-                stopped = True
                 break
             if it == 0:
                 loss_iter0 = total
@@ -409,31 +405,20 @@ def tune_unit(
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
             best_state = {k: w.state() for k, w in wrappers.items()}
-        loss_final, outputs, kept = loss_start, out_start, "start"
+        loss_final, outputs = loss_start, out_start
         if iters_run:
-            # The minibatch rule sees a few samples per iteration; the last iterate (steps have
-            # decayed to nearly nothing by then) is the other natural candidate: judge both on
-            # all calibration samples, and the starting point too, so tuning never makes it worse.
-            found = []
-            if not stopped and not cfg.not_use_best_mse and best_iter != iters_run - 1:
-                last = full_pass(keep_outputs)
-                found.append((last.loss, "last", {k: w.state() for k, w in wrappers.items()}, last.outputs))
             for k, w in wrappers.items():
                 w.load(best_state[k])
-            best_pass = full_pass(keep_outputs)
-            found.append((best_pass.loss, "last" if cfg.not_use_best_mse else "best", None, best_pass.outputs))
-            loss_final, kept, state, outputs = min(found, key=lambda f: f[0] if math.isfinite(f[0]) else math.inf)
-            if state is not None:
-                for k, w in wrappers.items():
-                    w.load(state[k])
+            final = full_pass(keep_outputs)
+            loss_final, outputs = final.loss, final.outputs
             if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
                 for k, w in wrappers.items():
                     w.load(start_state[k])
-                loss_final, outputs, kept = loss_start, out_start, "start"
+                loss_final, outputs = loss_start, out_start
         qparams = {rel: w.bake() for rel, w in wrappers.items()}
     finally:
         if "" not in wrappers:
             for rel, wr in wrappers.items():
                 set_module(holder, rel, wr.orig)
-    stats = UnitStats(loss_rtn, loss_start, loss_final, loss_iter0, best, best_iter, iters_run, kept)
+    stats = UnitStats(loss_rtn, loss_start, loss_final, loss_iter0, best, best_iter, iters_run)
     return UnitResult(qparams, stats, outputs)
