@@ -351,6 +351,9 @@ def tune_unit(
         # Minibatches differ in difficulty (at 2 bits some samples' losses are several times
         # others'), so the best iteration is the one whose minibatch loss is lowest relative to
         # the same samples' starting loss, not the lowest raw loss (which favours easy batches).
+        # Choosing between it and the last iterate by the loss on all calibration samples was
+        # measured and dropped: lower calibration losses on every block, but SmolLM2-135M W2G64
+        # WikiText-2 263.26 vs 251.95 and W4G64 tinyshakespeare 48.19 vs 46.92 (16 x 256 tokens).
         ref = start.per_sample.clamp_min(torch.finfo(torch.float64).tiny)
         start_state = {k: w.state() for k, w in wrappers.items()}
 
