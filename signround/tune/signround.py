@@ -169,7 +169,7 @@ class TunableLayer(nn.Module):
 
 @contextlib.contextmanager
 def shared_weights(wrappers: list[TunableLayer], grad: bool):
-    """Within the block, every forward uses qdq weights computed once on entry. With ``grad``,
+    """Inside the context, every forward of these layers uses qdq weights computed once on entry. With ``grad``,
     the forwards' backward passes accumulate gradients on those weights, and ``backprop_shared``
     carries the sum through qdq to the offsets and clipping scales in one pass: a minibatch can
     then run as several smaller forward/backward passes (less activation memory) whose gradient
@@ -185,8 +185,8 @@ def shared_weights(wrappers: list[TunableLayer], grad: bool):
 
 def backprop_shared(wrappers: list[TunableLayer]) -> None:
     """Carry the gradients gathered on the shared qdq weights back to each layer's parameters."""
-    pairs = [(w._w_graph, w._w_leaf.grad) for w in wrappers
-             if w._w_graph is not None and w._w_leaf is not None and w._w_leaf.grad is not None]
+    # a graph exists only under shared_weights(grad=True), and then so does its leaf
+    pairs = [(w._w_graph, w._w_leaf.grad) for w in wrappers if w._w_graph is not None and w._w_leaf.grad is not None]
     if pairs:
         torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
 
