@@ -42,7 +42,7 @@ def main():
     a = json.loads(sys.argv[1])
     texts = json.load(open(a["calib"]))
     kw = dict(iters=a["iters"], nsamples=a["nsamples"], seqlen=a["seqlen"], batch_size=a["batch_size"],
-              dataset=texts, seed=42)
+              dataset=texts, seed=a["seed"])
     if a["preset"] is None:
         kw.update(bits=a["bits"], group_size=a["group_size"], sym=a["sym"])
     if a["plain_rtn"]:
@@ -156,7 +156,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
         if upy is None:
             return {"skipped": MISSING}
         a = {**run, "model": args.model, "calib": str(calib), "out": str(out), "nsamples": args.nsamples,
-             "seqlen": args.seqlen, "batch_size": args.batch_size}
+             "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": upstream_seed(run, args)}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
     if extra:
@@ -185,13 +185,26 @@ def parse_label_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def upstream_seed(run: dict, args) -> int:
+    """The seed of an upstream run: ``--seed N`` from its label's ``--label_args``, else 42 (both tools'
+    default). Upstream runs take no other option (``check_labels`` refuses them before any work)."""
+    opts = shlex.split(args.label_args.get(run.get("label"), ""))
+    return int(opts[1]) if opts else 42
+
+
 def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
-    """A ``--label_args`` label that no ours run carries would silently change nothing: refuse it."""
-    used = {r["label"] for r in runs if r["tool"] == "ours"}
-    for label in label_args:
+    """A ``--label_args`` label that no run carries would silently change nothing, and upstream runs
+    understand only ``--seed N``: refuse either before any work."""
+    used = {r["label"] for r in runs}
+    for label, opts in label_args.items():
         if label not in used:
-            raise SystemExit(f"--label_args {label!r} matches no ours run in --runs; "
-                             f"add ':{label}' to an ours run spec, e.g. ours:W4G64:50:{label}")
+            raise SystemExit(f"--label_args {label!r} matches no run in --runs; "
+                             f"add ':{label}' to a run spec, e.g. ours:W4G64:50:{label}")
+        words = shlex.split(opts)
+        upstream = any(r["tool"] == "upstream" and r["label"] == label for r in runs)
+        if upstream and words and not (len(words) == 2 and words[0] == "--seed" and words[1].isdigit()):
+            raise SystemExit(f"--label_args {label!r}: upstream runs take only '--seed N', got {opts!r}; "
+                             f"give the upstream run its own label")
 
 
 def evaluate(path: str, fp: bool, args) -> dict:
@@ -227,8 +240,9 @@ def main() -> int:
     ap.add_argument("--ours_args", default="", help="extra signround CLI options for every ours run, e.g. "
                     "'--lr 0.01' (label such runs: ours:W2G64:50:lr01)")
     ap.add_argument("--label_args", action="append", default=[], metavar="LABEL=ARGS",
-                    help="extra signround CLI options for the ours runs with that label, e.g. "
-                    "--label_args 'bs4=--batch_size 4' with run ours:W4G64:50:bs4 (repeatable)")
+                    help="extra signround CLI options for the runs with that label, e.g. "
+                    "--label_args 'bs4=--batch_size 4' with run ours:W4G64:50:bs4 (repeatable); "
+                    "upstream runs take only '--seed N' (e.g. 's43=--seed 43' for a seed sweep of both tools)")
     args = ap.parse_args()
     args.label_args = parse_label_args(args.label_args)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
@@ -258,7 +272,7 @@ def main() -> int:
     print(f"\nmodel {Path(args.model).name}; calibration {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}; "
           f"perplexity over {args.eval_windows} windows x {args.eval_seqlen} tokens")
     for label, opts in args.label_args.items():  # e.g. a batch size that overrides the one above
-        print(f"ours runs labelled {label}: {opts}")
+        print(f"runs labelled {label}: {opts}")
     print()
     print("| run | wall s | peak RSS MiB | WikiText-2 ppl | tinyshakespeare ppl |")
     print("|---|---|---|---|---|")

@@ -39,10 +39,17 @@ def test_label_args_reach_only_runs_with_that_label_and_come_last(bench):
         bench.parse_label_args(["--batch_size 4"])
 
 
-def test_label_args_for_no_ours_run_are_refused_before_any_work(bench):
-    runs = [bench.parse_run(s) for s in ("ours:W4G64:50:bs4", "upstream:W4G64:50:b")]
-    bench.check_labels(runs, {"bs4": "--batch_size 4"})
-    with pytest.raises(SystemExit, match="add ':bs2' to an ours run spec"):
+def test_label_args_for_no_run_or_upstream_options_are_refused_before_any_work(bench):
+    runs = [bench.parse_run(s) for s in ("ours:W4G64:50:bs4", "upstream:W4G64:50:b", "upstream:W4G64:50:s43")]
+    bench.check_labels(runs, {"bs4": "--batch_size 4", "s43": "--seed 43"})
+    with pytest.raises(SystemExit, match="add ':bs2' to a run spec"):
         bench.check_labels(runs, {"bs2": "--batch_size 2"})
-    with pytest.raises(SystemExit, match="matches no ours run"):  # labels on upstream runs get no options
+    with pytest.raises(SystemExit, match="upstream runs take only '--seed N'"):
         bench.check_labels(runs, {"b": "--batch_size 2"})
+
+
+def test_upstream_runs_take_the_seed_of_their_label(bench):
+    args = argparse.Namespace(ours_args="", label_args={"s43": "--seed 43"})
+    assert bench.upstream_seed(bench.parse_run("upstream:W2G64:50:s43"), args) == 43
+    assert bench.upstream_seed(bench.parse_run("upstream:W2G64:50"), args) == 42
+    assert bench.run_ours_args(bench.parse_run("ours:W2G64:50:s43"), args) == "--seed 43"
