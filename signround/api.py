@@ -22,7 +22,7 @@ from .report import bits_summary, format_summary, peak_gpu_bytes, peak_rss_bytes
 from .schemes import QuantSpec, resolve_scheme
 from .calib import DEFAULT_DATASET, build_calibration
 from .tune.config import TuneConfig, tune_config
-from .tune.pipeline import QuantResult, quantize_calibrated, quantize_rtn
+from .tune.pipeline import QuantResult, quantize_calibrated, quantize_rtn, restore_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ class AutoRound:
         self.device_map = device_map
         self.seed = seed
         _seed_everything(seed)
-        self.model, self.tokenizer, self.source_dir = load_model_and_tokenizer(
+        self._model, self.tokenizer, self.source_dir = load_model_and_tokenizer(
             model, tokenizer, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code
         )
         self.plan: QuantPlan = build_plan(
-            self.model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
+            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
         )
         self._check_seqlen()
         self.result: QuantResult | None = None
@@ -108,7 +108,7 @@ class AutoRound:
     def _check_seqlen(self) -> None:
         if not self.cfg.needs_data:
             return
-        text_cfg = self.model.config.get_text_config()
+        text_cfg = self._model.config.get_text_config()
         ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
         if ctx and self.cfg.seqlen > ctx:
             if self._seqlen_given:
@@ -133,21 +133,32 @@ class AutoRound:
             for n, s in self.plan.specs.items()
         }
 
+    @property
+    def model(self) -> nn.Module:
+        """The model, quantized in place once quantized. Weights released while saving come back
+        (dequantized from their QParams) on first access."""
+        if self.result is not None and self.result.released:
+            restore_weights(self._model, self.result)
+        return self._model
+
     def quantize(self) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
         """Quantize in place; returns ``(model, layer_config)`` like upstream."""
+        self._quantize(keep_weights=True)
+        return self.model, self.layer_config
+
+    def _quantize(self, keep_weights: bool) -> None:
         if self.result is not None:
-            return self.model, self.layer_config
+            return
         if self.cfg.needs_data or self.plan.needs_act_range:
             ids = self.calibration_ids()
-            device = _compute_device(self.model, self.device_map)
+            device = _compute_device(self._model, self.device_map)
             logger.info(
                 "%s on %s: %d samples x %d tokens, %d iters, batch %d", self.cfg.mode, device, ids.shape[0],
                 ids.shape[1], self.cfg.iters, self.cfg.batch_size,
             )
-            self.result = quantize_calibrated(self.model, self.plan, self.cfg, ids, device)
+            self.result = quantize_calibrated(self._model, self.plan, self.cfg, ids, device, keep_weights=keep_weights)
         else:
-            self.result = quantize_rtn(self.model, self.plan)
-        return self.model, self.layer_config
+            self.result = quantize_rtn(self._model, self.plan)
 
     def save_quantized(
         self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True, **kwargs: Any
@@ -159,8 +170,9 @@ class AutoRound:
         """
         if self.result is None:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
+        model = self.model if _reads_weights(format) else self._model
         out = export.save(
-            output_dir, format, self.model, self.plan, self.result.qparams, self.tokenizer, self.source_dir,
+            output_dir, format, model, self.plan, self.result.qparams, self.tokenizer, self.source_dir,
             extra_config=self._config_record(), extra_files=self._log_files(), **kwargs,
         )
         self._finish_summary(out)
@@ -169,10 +181,30 @@ class AutoRound:
     def quantize_and_save(
         self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", **kwargs: Any
     ) -> tuple[nn.Module, Path]:
-        """Check the output target, quantize, save; returns ``(model, output path)``."""
-        export.check_formats(format, self.model, self.plan, output_dir)
-        self.quantize()
-        return self.model, self.save_quantized(output_dir, format, **kwargs)
+        """Check the output target, quantize, save; returns ``(model, output path)``.
+
+        Formats written from QParams alone (all but fake) release the quantized layers' in-memory
+        weights while tuning; the model gets them back (dequantized from the saved codes) on its first
+        forward call or through ``ar.model``.
+        """
+        export.check_formats(format, self._model, self.plan, output_dir)
+        # formats written from QParams alone let tuned blocks release their weights as they go;
+        # restoring them here would put the peak memory right back, so they return when used:
+        # through ``ar.model`` or on the returned model's first forward call
+        self._quantize(keep_weights=_reads_weights(format))
+        out = self.save_quantized(output_dir, format, **kwargs)
+        if self.result is not None and self.result.released:
+            self._restore_on_forward()
+        return self._model, out
+
+    def _restore_on_forward(self) -> None:
+        handle = None
+
+        def restore(module: nn.Module, args: Any) -> None:
+            restore_weights(module, self.result)
+            handle.remove()
+
+        handle = self._model.register_forward_pre_hook(restore)
 
     def _log_files(self) -> dict[str, str]:
         """Per-block losses (RTN, start, final) and settings, saved next to the model."""
@@ -194,7 +226,7 @@ class AutoRound:
 
     def _finish_summary(self, out: Path) -> None:
         self.summary = {
-            **bits_summary(self.model, self.plan),
+            **bits_summary(self._model, self.plan),
             "output_dir": str(out),
             "output_bytes": export.dir_size(out),
             "seconds": time.time() - self.start_time,
@@ -202,6 +234,11 @@ class AutoRound:
             "peak_gpu_bytes": peak_gpu_bytes(),
         }
         logger.info("%s", format_summary(self.summary))
+
+
+def _reads_weights(formats: str | list[str]) -> bool:
+    """Whether a format stores the in-memory weights of quantized layers (not just their QParams)."""
+    return any(getattr(e, "reads_weights", False) for e in export.get_exporters(formats))
 
 
 def _compute_device(model: nn.Module, device_map: Any) -> torch.device:

@@ -8,6 +8,7 @@ import ctypes
 import gc
 import sys
 
+import numpy as np
 import torch
 
 _LIBC: list = []
@@ -49,13 +50,34 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def drop_file_pages(old: list[torch.Tensor], still_used: set[int]) -> int:
+_PM_PRESENT, _PM_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap: page resident; page is the file's own
+
+
+def _only_file_pages(start: int, end: int) -> bool:
+    """Whether every resident page of ``[start, end)`` is still the file's page. A write to a private
+    file mapping (transformers maps checkpoints copy-on-write) swaps in an anonymous copy, and
+    dropping that copy would silently undo the write. Unreadable pagemap: no."""
+    page = 4096
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            data = f.read((end - start) // page * 8)
+    except OSError:
+        return False
+    entries = np.frombuffer(data, dtype=np.uint64)
+    resident = (entries & np.uint64(_PM_PRESENT)) != 0
+    return len(entries) == (end - start) // page and bool(np.all(entries[resident] & np.uint64(_PM_FILE)))
+
+
+def drop_file_pages(old: list[torch.Tensor], still_used: set[int], live: bool = False) -> int:
     """Let the kernel drop the resident pages of replaced weights that live in a memory-mapped
     checkpoint (transformers maps safetensors files): otherwise every tuned block keeps both
     its new weights and its old file pages resident, and RSS grows by the model's size.
 
     Only whole pages inside a storage that no live tensor uses (``still_used``: data pointers)
     are dropped; should anything read them again, they are faulted back in from the file.
+    ``live=True``: the tensors stay in use (e.g. weights just checked for NaN, read again only when
+    their block's turn comes); a tensor is then skipped unless every resident page is unmodified.
     Returns the bytes advised.
     """
     if not sys.platform.startswith("linux") or not old:
@@ -83,6 +105,8 @@ def drop_file_pages(old: list[torch.Tensor], still_used: set[int]) -> int:
             continue  # heap memory: freeing it is the allocator's job
         start = -(-ptr // page) * page
         end = (ptr + n) // page * page
+        if live and not _only_file_pages(start, end):
+            continue
         if end > start and libc.madvise(start, end - start, _MADV_DONTNEED) == 0:
             done += end - start
     return done

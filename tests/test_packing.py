@@ -73,3 +73,48 @@ def test_pack_then_quantlinear_dequantizes_to_qdq(packing, bits, sym):
     assert torch.equal(ql.dequantize_weight(), dq)
     x = torch.randn(3, in_f)
     torch.testing.assert_close(ql(x), x @ dq.t())
+
+
+# In-memory code packing (QParams of tuned layers until export)
+
+
+def test_pack_codes_golden_low_bits_first():
+    from signround.qdq.common import pack_codes
+
+    assert pack_codes(torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8), 2).tolist() == [[0b00111001, 0b11]]
+    assert pack_codes(torch.tensor([[0xA, 0x5]], dtype=torch.uint8), 4).tolist() == [[0x5A]]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("in_f", [8, 13, 64])
+def test_pack_codes_round_trip(bits, in_f):
+    from signround.qdq.common import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2**bits, (5, in_f), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-in_f * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, in_f), codes)
+
+
+@pytest.mark.parametrize("bits,packed", [(2, True), (4, True), (3, False), (8, False)])
+def test_compact_qparams_pack_codes_and_keep_every_value(bits, packed):
+    """Tuned layers hold compact QParams until export: same codes, scales and dequantized weight
+    as the qdq function's, in a quarter (W2) or half (W4) of the bytes, and export sees no difference."""
+    from signround.qdq.common import PackedQParams
+    from signround.tune.rtn import compact
+
+    w = torch.randn(48, 200, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=bits, group_size=64, sym=False)
+    w_qdq, qp = qdq(w, spec)
+    c = compact(qp)
+    assert isinstance(c, PackedQParams) is packed
+    assert c.shape == qp.codes.shape
+    assert torch.equal(c.codes, qp.codes.to(torch.uint8))
+    assert torch.equal(c.dequantize(), qp.dequantize())
+    assert torch.allclose(c.dequantize(), w_qdq)
+    if packed:
+        assert c._packed.numel() == 48 * -(-200 * bits // 8)
+    for name in ("auto_round", "auto_round:auto_awq"):
+        if bits == 4 or "awq" not in name:
+            ref, got = pack_layer(qp, name), pack_layer(c, name)
+            assert all(torch.equal(ref[k], got[k]) for k in ref)

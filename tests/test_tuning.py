@@ -285,3 +285,39 @@ def test_micro_batch_size_caps_tokens_per_pass_on_cpu_only():
     assert micro_batch_size(8, torch.empty(16, 2048, 4), cpu) == 1  # one long sample per pass
     assert micro_batch_size(2, torch.empty(16, 16, 4), cpu) == 2  # never more than the minibatch
     assert micro_batch_size(8, torch.empty(16, 2048, 4), cuda) == 8
+
+
+def test_quantize_and_save_releases_tuned_weights_and_gives_them_back(stories_dir, tmp_path):
+    """An export-only run drops each tuned block's weights as it goes (peak memory): the files are
+    the same as a run that kept them, and the model gets its weights back when it is used."""
+    from safetensors.torch import load_file
+
+    from signround.model.layers import get_module, get_weight
+
+    kept = AutoRound(str(stories_dir), scheme="W2A16G32", iters=5, **SMALL)
+    kept.quantize()
+    kept.save_quantized(tmp_path / "kept")
+    ar = AutoRound(str(stories_dir), scheme="W2A16G32", iters=5, **SMALL)
+    model, out = ar.quantize_and_save(tmp_path / "released")
+    layers = [n for b in ar.plan.block_names for n in ar.plan.layers_of(b)]
+    assert layers and set(ar.result.released) == set(layers)
+    assert all(get_weight(get_module(model, n)).is_meta for n in layers)
+    a, b = load_file(tmp_path / "kept" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits  # the first forward restores them
+        assert not ar.result.released and not any(p.is_meta for p in model.parameters())
+        torch.testing.assert_close(logits, kept.model(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids).logits, load_quantized(str(out))(ids).logits, rtol=1e-5, atol=1e-5)
+    ar.save_quantized(tmp_path / "fake", format="fake")  # a format that reads the weights
+    assert (tmp_path / "fake" / "model.safetensors").exists()
+
+
+def test_fake_format_and_lm_head_tuning_keep_weights(stories_dir, tmp_path):
+    fake = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=0, **SMALL)
+    fake.quantize_and_save(tmp_path / "fake", format="fake")
+    assert not fake.result.released
+    head = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=0, quant_lm_head=True, **SMALL)
+    model, _ = head.quantize_and_save(tmp_path / "head")  # lm_head is tuned on the whole quantized model
+    assert not head.result.released and not any(p.is_meta for p in model.parameters())

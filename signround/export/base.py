@@ -57,11 +57,11 @@ class PackedExporter:
 
     def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
         packing = self.packing(plan)
-        for name, t in unique_state_dict(model):
+        for name, t in unique_state_dict(model, qparams):
             layer, _, leaf = name.rpartition(".")
             if layer in qparams and leaf == "weight":
                 qp = qparams[layer]
-                if tuple(qp.codes.shape) != tuple(get_weight(get_module(model, layer)).shape):
+                if tuple(qp.shape) != tuple(get_weight(get_module(model, layer)).shape):
                     raise ExportError(f"QParams of {layer} do not match its weight shape")
                 packed = {**pack_layer(qp, packing), **self.extra_layer_tensors(qp)}
                 for key, value in packed.items():

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 class FakeExporter:
     name = "fake"
+    reads_weights = True  # the only format that stores the in-memory qdq weights of quantized layers
     description = "qdq weights in the original dtype: an ordinary transformers checkpoint (any scheme)"
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:

@@ -37,7 +37,7 @@ class AutoGPTQExporter(PackedExporter):
                 )
 
     def extra_layer_tensors(self, qp: QParams) -> dict[str, torch.Tensor]:
-        in_f = qp.codes.shape[1]
+        in_f = qp.shape[1]
         g = effective_group_size(qp.group_size, in_f)
         return {"g_idx": (torch.arange(in_f, dtype=torch.int32) // g)}
 

@@ -84,7 +84,7 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 
 def layer_tensors(qp: QParams, spec: QuantSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """QParams -> the compressed-tensors tensors of one layer (names relative to the layer)."""
-    out_f, in_f = qp.codes.shape
+    out_f, in_f = qp.shape
     t: dict[str, torch.Tensor] = {}
     if spec.data_type == "int":
         t["weight_packed"] = pack_cols(qp.codes.to(torch.int64), qp.bits)
@@ -172,11 +172,11 @@ class LLMCompressorExporter:
         }
 
     def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in unique_state_dict(model):
+        for name, t in unique_state_dict(model, qparams):
             layer, _, leaf = name.rpartition(".")
             if layer in qparams and leaf == "weight":
                 qp = qparams[layer]
-                if tuple(qp.codes.shape) != tuple(get_weight(get_module(model, layer)).shape):
+                if tuple(qp.shape) != tuple(get_weight(get_module(model, layer)).shape):
                     raise ExportError(f"QParams of {layer} do not match its weight shape")
                 for key, value in layer_tensors(qp, plan.specs[layer], t.dtype).items():
                     yield f"{layer}.{key}", value

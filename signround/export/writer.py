@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -120,11 +120,19 @@ def write_safetensors(
     return total
 
 
-def unique_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The state dict without the second name of tied tensors (safetensors refuses shared storage)."""
+def unique_state_dict(model: torch.nn.Module, from_qparams: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state dict without the second name of tied tensors (safetensors refuses shared storage).
+
+    ``from_qparams``: layers the caller writes from their QParams, whose weights may have been
+    released after tuning (meta tensors, passed through unread).
+    """
     seen: set[tuple[int, int, tuple]] = set()
     for name, t in model.state_dict().items():
         if t.is_meta:
+            layer, _, leaf = name.rpartition(".")
+            if leaf == "weight" and layer in from_qparams:
+                yield name, t
+                continue
             raise ExportError(f"{name} is still on the meta device; load the model fully before saving")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:

@@ -37,23 +37,87 @@ class QParams:
     super_scale: Optional[torch.Tensor] = None
     super_min: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        pass  # a hook for PackedQParams (dataclasses call it only when the base defines one)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The weight's shape ``[out, in]`` (without unpacking packed codes)."""
+        return self.codes.shape
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        in_features = self.codes.shape[1]
-        cols = torch.arange(in_features, device=self.codes.device) // effective_group_size(
-            self.group_size, in_features
-        )
+        codes = self.codes
+        in_features = codes.shape[1]
+        cols = torch.arange(in_features, device=codes.device) // effective_group_size(self.group_size, in_features)
         if self.data_type in ("int", "int_sym_dq"):
-            w = (self.codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
+            w = (codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
         elif self.data_type in ("int_min", "int_asym_dq"):
-            w = self.scale.float()[:, cols] * self.codes.float() + self.zero.float()[:, cols]
+            w = self.scale.float()[:, cols] * codes.float() + self.zero.float()[:, cols]
         else:
             from .elements import decode
 
             scale = self.scale.float()
             if self.global_scale is not None:  # the same arithmetic as qdq_nv, for bit-equal weights
                 scale = scale / self.global_scale.float()
-            w = decode(self.codes, self.bits) * scale[:, cols]
+            w = decode(codes, self.bits) * scale[:, cols]
         return w.to(dtype)
+
+
+PACKABLE_BITS = (1, 2, 4)  # widths that fill a byte exactly
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[out, in]`` in ``[0, 2**bits)`` -> ``[out, ceil(in / (8 // bits))]`` bytes, code
+    ``k`` of each run of ``8 // bits`` in bits ``[k * bits, (k + 1) * bits)``. No wider temporaries
+    than the codes themselves (a 70B layer's int64 copy would be gigabytes)."""
+    per = 8 // bits
+    out_f, in_f = codes.shape
+    pad = -in_f % per
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.view(out_f, -1, per)
+    packed = c[..., 0].clone()
+    for k in range(1, per):
+        packed |= c[..., k] << (k * bits)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes ``[out, in_features]``."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = [(packed >> (k * bits)) & mask for k in range(per)]
+    return torch.stack(parts, dim=-1).view(packed.shape[0], -1)[:, :in_features].contiguous()
+
+
+class PackedQParams(QParams):
+    """QParams whose codes are held bit-packed (2 or 4 per byte for W4 / W2) and unpacked on read.
+
+    Tuned layers keep their QParams until export: at one byte per weight the codes of a model's
+    blocks add half (W2: three quarters) more than the packed file will hold. Reading ``codes``
+    costs an unpack, so exporters read it once per layer and use ``shape`` for checks.
+    """
+
+    @property  # type: ignore[override]
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self._packed, self.bits, self._shape[1])
+
+    @codes.setter
+    def codes(self, value: torch.Tensor) -> None:
+        self._raw = value  # packed in __post_init__, once ``bits`` is set
+
+    def __post_init__(self) -> None:
+        raw = self.__dict__.pop("_raw")
+        if self.bits not in PACKABLE_BITS:
+            raise ValueError(f"PackedQParams holds 1, 2 or 4-bit codes, not {self.bits}-bit")
+        if raw.numel() and int(raw.max()) >= 1 << self.bits:
+            raise ValueError(f"codes out of range for {self.bits}-bit packing")
+        self._shape = raw.shape
+        self._packed = pack_codes(raw, self.bits)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.capture import _StopForward, block_forward, capture_block_inputs, cast_kwargs
-from ..model.layers import get_module, get_weight
+from ..model.layers import Conv1D, get_module, get_weight
 from ..plan import QuantPlan, untie_output_embedding
 from ..memory import drop_file_pages, release_memory
 from ..qdq import QParams
@@ -36,6 +36,31 @@ class QuantResult:
 
     qparams: dict[str, QParams] = field(default_factory=dict)
     block_stats: dict[str, dict] = field(default_factory=dict)
+    # layers whose in-memory weight was released after tuning (meta now), and its device
+    released: dict[str, torch.device] = field(default_factory=dict)
+
+
+def release_weights(model: nn.Module, names: list[str], result: QuantResult) -> None:
+    """Replace the tuned weights of ``names`` by meta tensors: export reads those layers from their
+    QParams alone, and keeping a model-sized copy of weights nobody reads until the run ends is what
+    made peak RSS grow block after block (upstream packs each block as it goes, to the same end)."""
+    for name in names:
+        module = get_module(model, name)
+        w = module.weight
+        result.released[name] = w.device
+        module.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=w.requires_grad)
+
+
+def restore_weights(model: nn.Module, result: QuantResult) -> None:
+    """Put released weights back, dequantized from their QParams: the values a loader reads from
+    the saved file (the baked qdq weights up to float rounding order)."""
+    for name, device in list(result.released.items()):
+        module = get_module(model, name)
+        meta = module.weight
+        w = result.qparams[name].dequantize(meta.dtype)
+        w = (w.t() if isinstance(module, Conv1D) else w).contiguous()  # Conv1D keeps [in, out]
+        module.weight = nn.Parameter(w.to(device), requires_grad=meta.requires_grad)
+        del result.released[name]
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
@@ -96,14 +121,21 @@ def quantize_calibrated(
     calib_ids: torch.Tensor,
     device: torch.device | str | None = None,
     show_progress: bool = True,
+    keep_weights: bool = True,
 ) -> QuantResult:
-    """Optimized RTN (iters=0) or SignRound over all blocks, then the layers outside blocks."""
+    """Optimized RTN (iters=0) or SignRound over all blocks, then the layers outside blocks.
+
+    ``keep_weights=False``: release each tuned block's quantized weights (see :func:`release_weights`)
+    when nothing later runs the whole model (no layers outside blocks to tune); :func:`restore_weights`
+    brings them back.
+    """
     untie_output_embedding(model, plan)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = torch.device("cpu") if cfg.low_gpu_mem_usage or device.type == "cpu" else device
     gen = torch.Generator().manual_seed(cfg.seed)
     bs = min(cfg.batch_size, calib_ids.shape[0])
     result = QuantResult()
+    release = not keep_weights and not plan.outside_blocks()
 
     x_fp, block_kwargs = capture_block_inputs(model, plan.block_names, calib_ids, bs, store)
     x_q = x_fp
@@ -142,6 +174,8 @@ def quantize_calibrated(
             x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
         x_fp = y_fp
         blk.to(device=orig_device, dtype=orig_dtype)
+        if release and names:
+            release_weights(model, names, result)
         in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         drop_file_pages(old_weights, in_use)
         del old_weights

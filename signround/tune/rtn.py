@@ -18,7 +18,7 @@ from torch import nn
 
 from ..model.layers import attach_act_quant, get_weight, set_weight
 from ..qdq import QParams, qdq
-from ..qdq.common import grouped_range, to_groups
+from ..qdq.common import PACKABLE_BITS, PackedQParams, grouped_range, to_groups
 from ..qdq.kquant import SUPER_BLOCK
 from ..schemes import QuantSpec
 
@@ -31,15 +31,19 @@ REFIT_GRID = tuple(1.2 - 0.05 * i for i in range(15))  # 1.2 ... 0.5
 
 
 def compact(qp: QParams) -> QParams:
-    """Keep QParams off the accelerator and codes as uint8 (1 byte per weight until export)."""
-    return dataclasses.replace(
-        qp,
+    """Keep QParams off the accelerator until export, codes as small as they go: bit-packed for
+    1, 2 and 4 bits (a W4 model's codes in half the bytes), one byte per weight otherwise."""
+    codes = qp.codes.to("cpu", torch.uint8)
+    packable = qp.bits in PACKABLE_BITS and (codes.numel() == 0 or int(codes.max()) < 1 << qp.bits)
+    fields = {f.name: getattr(qp, f.name) for f in dataclasses.fields(qp)}
+    fields.update(
         scale=qp.scale.cpu(),
         zero=qp.zero.cpu(),
-        codes=qp.codes.to("cpu", torch.uint8),
+        codes=codes,
         **{f: getattr(qp, f).cpu() for f in ("global_scale", "input_amax", "super_scale", "super_min")
            if getattr(qp, f) is not None},
     )
+    return (PackedQParams if packable else QParams)(**fields)
 
 
 def rtn_layer(module: nn.Module, spec: QuantSpec, min_scale=None, max_scale=None) -> QParams:

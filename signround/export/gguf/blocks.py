@@ -55,7 +55,7 @@ def _high_bits(q: torch.Tensor) -> torch.Tensor:
 
 def _blocks(qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes ``[n_blocks, 32]`` and per-block scale and zero/min, rows first (ggml's order)."""
-    out_f, in_f = qp.codes.shape
+    out_f, in_f = qp.shape
     if in_f % BLOCK or qp.group_size != BLOCK:
         raise ExportError(
             f"ggml legacy blocks need group size 32 and in_features divisible by 32; got group size "
@@ -89,7 +89,7 @@ SUPER = 256
 def _super(qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes ``[n_super, 256]`` and integer sub-block scale / min codes ``[n_super, 256 / G]``,
     recovered from the effective scales (exact: ``scale == d * sc`` in float32)."""
-    out_f, in_f = qp.codes.shape
+    out_f, in_f = qp.shape
     if in_f % SUPER or qp.super_scale is None:
         raise ExportError(f"k-quant blocks need in_features divisible by {SUPER} and double-quantized QParams")
     per = SUPER // qp.group_size
@@ -175,5 +175,5 @@ def pack_blocks(qp: QParams, ggml_type: str) -> torch.Tensor:
     data_type, bits, sym, packer = BLOCK_PACKERS[ggml_type]
     if qp.data_type != data_type or qp.bits != bits:
         raise ExportError(f"{ggml_type} holds {data_type} {bits}-bit codes; these QParams are {qp.data_type} {qp.bits}-bit")
-    out_f = qp.codes.shape[0]
+    out_f = qp.shape[0]
     return packer(qp).reshape(out_f, -1).contiguous()

@@ -58,7 +58,7 @@ class GGUFExporter:
                 f"{(plan.ggml_ftype or plan.default.label()).upper()}{' (' + ', '.join(bad[:3]) + ')' if bad else ''}: "
                 f"quantize with --scheme GGUF:{self.ftype.upper()}"
             )
-        for name, t in unique_state_dict(model):
+        for name, t in unique_state_dict(model, plan.quantized):  # names only: released weights pass
             if gguf_name(fam, name) is None:
                 raise ExportError(f"{name} has no GGUF tensor name in the {fam.arch} table")
 
@@ -84,7 +84,7 @@ class GGUFExporter:
         qt = gguf.GGMLQuantizationType
         tied = tied_lm_head(model)
         types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
-        for name, t in unique_state_dict(model):
+        for name, t in unique_state_dict(model, qparams):
             target = gguf_name(fam, name)
             if target == "output.weight" and tied:
                 continue  # token_embd holds the shared matrix
