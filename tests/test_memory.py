@@ -52,3 +52,45 @@ def test_live_weights_drop_only_unmodified_pages(tmp_path):
     assert drop_file_pages([written], still_used=set(), live=True) == 0
     assert written[5 * 1024].item() == 7.0 and torch.equal(written[: 5 * 1024], data[: 5 * 1024])
     del clean, written
+
+
+def _resident_whole_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(resident, total) whole pages of a tensor's storage, from /proc/self/pagemap."""
+    import numpy as np
+
+    page = 4096
+    st = t.untyped_storage()
+    start, end = -(-st.data_ptr() // page) * page, (st.data_ptr() + st.nbytes()) // page * page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = np.frombuffer(f.read((end - start) // page * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()), len(entries)
+
+
+def test_checkpoint_pages_released_before_tuning(stories_dir, monkeypatch):
+    """Input capture runs one sample through every block, which reads the whole memory-mapped
+    checkpoint in; the blocks not yet tuned must not stay resident while block 0 is tuned
+    (SmolLM2-135M: ~150 MB of peak RSS)."""
+    from signround import AutoRound
+    from signround.memory import _file_mappings
+    from signround.tune import pipeline
+
+    ar = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=1, nsamples=4, seqlen=32,
+                   batch_size=4, enable_torch_compile=False)
+    last = ar._model.model.layers[-1].mlp.down_proj.weight
+    ptr = last.untyped_storage().data_ptr()
+    if not any(lo <= ptr < hi for lo, hi in _file_mappings()):
+        pytest.skip("this transformers version copies the checkpoint instead of mapping it")
+    seen = []
+    real = pipeline._quantize_unit
+
+    def spy(*args, **kwargs):
+        if not seen:
+            seen.append(_resident_whole_pages(last))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_quantize_unit", spy)
+    ar.quantize()
+    resident, total = seen[0]
+    assert total >= 8  # 172 x 64 fp32: enough whole pages for the check to mean something
+    assert resident == 0, f"{resident} of {total} pages of the last block's weight still resident"

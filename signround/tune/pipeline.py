@@ -138,6 +138,10 @@ def quantize_calibrated(
     release = not keep_weights and not plan.outside_blocks()
 
     x_fp, block_kwargs = capture_block_inputs(model, plan.block_names, calib_ids, bs, store)
+    # capture's single-sample pass through every block (and the head) read the whole memory-mapped
+    # checkpoint in; let its unmodified pages go until each block's turn (SmolLM2-135M W2G64, 5 iters:
+    # peak RSS 1115 -> 953 MiB)
+    drop_file_pages([p.data for p in model.parameters()], still_used=set(), live=True)
     x_q = x_fp
     bar = tqdm(plan.block_names, desc=f"{cfg.mode} blocks", disable=not show_progress)
     for block_name in bar:
