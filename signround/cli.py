@@ -70,7 +70,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--disable_quanted_input", action="store_true", help="feed blocks fp inputs instead of quantized ones")
     p.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations on the CPU")
-    p.add_argument("--disable_amp", action="store_true", help="no bf16 autocast on GPUs")
+    p.add_argument("--disable_amp", action="store_true",
+                   help="tune in fp32 instead of bf16 autocast (used on GPUs and CPUs with native bf16)")
     p.add_argument("--enable_torch_compile", action="store_true", help="(default) compile the qdq kernels")
     p.add_argument("--disable_torch_compile", action="store_true", help="eager qdq (no C++ compiler needed)")
     p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
