@@ -51,22 +51,33 @@ def _file_mappings() -> list[tuple[int, int]]:
 
 
 _PM_PRESENT, _PM_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap: page resident; page is the file's own
+_PAGE = 4096
+
+
+def whole_pages(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the whole pages inside a tensor's storage (empty when it spans none)."""
+    st = t.untyped_storage()
+    ptr, n = st.data_ptr(), st.nbytes()
+    return -(-ptr // _PAGE) * _PAGE, (ptr + n) // _PAGE * _PAGE
+
+
+def pagemap_entries(start: int, end: int) -> np.ndarray:
+    """This process's /proc/self/pagemap entries (uint64, one a page) for page-aligned [start, end)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // _PAGE * 8)
+        return np.frombuffer(f.read(max(0, end - start) // _PAGE * 8), dtype=np.uint64)
 
 
 def _only_file_pages(start: int, end: int) -> bool:
     """Whether every resident page of ``[start, end)`` is still the file's page. A write to a private
     file mapping (transformers maps checkpoints copy-on-write) swaps in an anonymous copy, and
     dropping that copy would silently undo the write. Unreadable pagemap: no."""
-    page = 4096
     try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(start // page * 8)
-            data = f.read((end - start) // page * 8)
+        entries = pagemap_entries(start, end)
     except OSError:
         return False
-    entries = np.frombuffer(data, dtype=np.uint64)
     resident = (entries & np.uint64(_PM_PRESENT)) != 0
-    return len(entries) == (end - start) // page and bool(np.all(entries[resident] & np.uint64(_PM_FILE)))
+    return len(entries) == (end - start) // _PAGE and bool(np.all(entries[resident] & np.uint64(_PM_FILE)))
 
 
 def drop_file_pages(old: list[torch.Tensor], still_used: set[int], live: bool = False) -> int:
@@ -91,7 +102,6 @@ def drop_file_pages(old: list[torch.Tensor], still_used: set[int], live: bool = 
         spans = _file_mappings()
     except OSError:
         return 0
-    page = 4096
     done = 0
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for t in old:
@@ -99,12 +109,11 @@ def drop_file_pages(old: list[torch.Tensor], still_used: set[int], live: bool = 
             continue
         st = t.untyped_storage()
         ptr, n = st.data_ptr(), st.nbytes()
-        if ptr in still_used or n < page:
+        if ptr in still_used or n < _PAGE:
             continue
         if not any(lo <= ptr and ptr + n <= hi for lo, hi in spans):
             continue  # heap memory: freeing it is the allocator's job
-        start = -(-ptr // page) * page
-        end = (ptr + n) // page * page
+        start, end = whole_pages(t)
         if live and not _only_file_pages(start, end):
             continue
         if end > start and libc.madvise(start, end - start, _MADV_DONTNEED) == 0:

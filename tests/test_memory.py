@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,25 +55,12 @@ def test_live_weights_drop_only_unmodified_pages(tmp_path):
     del clean, written
 
 
-def _resident_whole_pages(t: torch.Tensor) -> tuple[int, int]:
-    """(resident, total) whole pages of a tensor's storage, from /proc/self/pagemap."""
-    import numpy as np
-
-    page = 4096
-    st = t.untyped_storage()
-    start, end = -(-st.data_ptr() // page) * page, (st.data_ptr() + st.nbytes()) // page * page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(start // page * 8)
-        entries = np.frombuffer(f.read((end - start) // page * 8), dtype=np.uint64)
-    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()), len(entries)
-
-
 def test_checkpoint_pages_released_before_tuning(stories_dir, monkeypatch):
     """Input capture runs one sample through every block, which reads the whole memory-mapped
     checkpoint in; the blocks not yet tuned must not stay resident while block 0 is tuned
     (SmolLM2-135M: ~150 MB of peak RSS)."""
     from signround import AutoRound
-    from signround.memory import _file_mappings
+    from signround.memory import _PM_PRESENT, _file_mappings, pagemap_entries, whole_pages
     from signround.tune import pipeline
 
     ar = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=1, nsamples=4, seqlen=32,
@@ -86,7 +74,8 @@ def test_checkpoint_pages_released_before_tuning(stories_dir, monkeypatch):
 
     def spy(*args, **kwargs):
         if not seen:
-            seen.append(_resident_whole_pages(last))
+            entries = pagemap_entries(*whole_pages(last))
+            seen.append((int(((entries & np.uint64(_PM_PRESENT)) != 0).sum()), len(entries)))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_quantize_unit", spy)

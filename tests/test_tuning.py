@@ -343,10 +343,12 @@ def test_bf16_autocast_tuning_still_beats_rtn(stories_dir, monkeypatch, caplog):
     monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
     seen = []
     real = pipeline.block_forward
-    monkeypatch.setattr(pipeline, "block_forward",
-                        lambda blk, x, kw: seen.append(torch.get_autocast_dtype("cpu")
-                                                       if torch.is_autocast_enabled("cpu") else None)
-                        or real(blk, x, kw))
+
+    def recording_forward(blk, x, kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(blk, x, kw)
+
+    monkeypatch.setattr(pipeline, "block_forward", recording_forward)
     with caplog.at_level("INFO", logger="signround"):
         ar = AutoRound(str(stories_dir), scheme="W2A16G32", iters=30, **SMALL)
         ar.quantize()

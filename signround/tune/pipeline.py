@@ -8,6 +8,7 @@ SignRound on quantized inputs); the tuned block's outputs on quantized inputs fe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: in
         return torch.cat([fn(x[i : i + bs].to(device)).to(store, torch.float32) for i in range(0, x.shape[0], bs)])
 
 
+@functools.cache  # asked on every block forward; the CPU does not change
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run at about twice the fp32 rate. Without them torch
     converts to fp32 and back around every op, which is slower than fp32 throughout."""
@@ -78,8 +80,8 @@ def cpu_has_native_bf16() -> bool:
 
 def amp_dtype(device: torch.device, cfg: TuneConfig) -> torch.dtype | None:
     """The autocast dtype tuning runs its block forward/backward in (None: fp32): bf16 where the
-    device computes it natively (upstream's rule too: on CPUs it checks CPUID for AVX512-BF16). The tuned parameters, the loss and the cached
-    activations stay fp32."""
+    device computes it natively (upstream's rule too: on CPUs it checks CPUID for AVX512-BF16).
+    The tuned parameters, the loss and the cached activations stay fp32."""
     if not cfg.amp:
         return None
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
