@@ -4,6 +4,7 @@ block after block."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import sys
@@ -27,12 +28,28 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
 
 
-def release_memory() -> None:
-    """Collect garbage, empty the CUDA cache and return free heap pages to the OS (glibc)."""
+def release_memory(freeze: bool = False) -> None:
+    """Collect garbage, empty the CUDA cache and return free heap pages to the OS (glibc).
+    ``freeze`` (only inside :func:`gc_frozen_scope`): later collections skip what survives this one."""
     gc.collect()
+    if freeze:
+        gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     _malloc_trim()
+
+
+@contextlib.contextmanager
+def gc_frozen_scope():
+    """Inside, objects can be frozen out of the garbage collector's scans (``release_memory(freeze=
+    True)``): a full collection otherwise walks every object alive, the model, imported modules and
+    compile caches (~420k objects on SmolLM2-135M, 0.2-0.3 s, 8 s of a 30-block run when done after
+    each block). Frozen objects that die are still freed by reference counting; cycles among them
+    wait for the scope's exit, which unfreezes everything."""
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 _MADV_DONTNEED = 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from signround.memory import drop_file_pages, release_memory
+from signround.memory import drop_file_pages, gc_frozen_scope, release_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and madvise")
 
@@ -56,12 +56,17 @@ def test_live_weights_drop_only_unmodified_pages(tmp_path):
 
 
 def test_checkpoint_pages_released_before_tuning(stories_dir, monkeypatch):
-    """Input capture runs one sample through every block, which reads the whole memory-mapped
-    checkpoint in; the blocks not yet tuned must not stay resident while block 0 is tuned
-    (SmolLM2-135M: ~150 MB of peak RSS)."""
+    """Input capture's fallback runs one sample through every block, which reads the whole
+    memory-mapped checkpoint in; the blocks not yet tuned must not stay resident while block 0 is
+    tuned (SmolLM2-135M: ~150 MB of peak RSS)."""
+    import functools
+
     from signround import AutoRound
     from signround.memory import _PM_PRESENT, _file_mappings, pagemap_entries, whole_pages
+    from signround.model import capture
     from signround.tune import pipeline
+
+    monkeypatch.setattr(capture, "_block_kwargs", functools.partial(capture._block_kwargs, shortcut=False))
 
     ar = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=1, nsamples=4, seqlen=32,
                    batch_size=4, enable_torch_compile=False)
@@ -83,3 +88,32 @@ def test_checkpoint_pages_released_before_tuning(stories_dir, monkeypatch):
     resident, total = seen[0]
     assert total >= 8  # 172 x 64 fp32: enough whole pages for the check to mean something
     assert resident == 0, f"{resident} of {total} pages of the last block's weight still resident"
+    import gc
+
+    assert gc.get_freeze_count() == 0, "the block loop's frozen objects are back under the collector"
+
+
+def test_frozen_gc_scope_still_collects_new_cycles_and_unfreezes():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    old = Node()
+    old.me = old  # a cycle from before: frozen, so not collected inside the scope
+    old_ref = weakref.ref(old)
+    with gc_frozen_scope():
+        release_memory(freeze=True)
+        assert gc.get_freeze_count() > 0
+        del old
+        new = Node()
+        new.me = new
+        new_ref = weakref.ref(new)
+        del new
+        release_memory(freeze=True)
+        assert new_ref() is None, "a cycle made inside the scope is collected"
+        assert old_ref() is not None, "frozen objects are skipped"
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old_ref() is None

@@ -126,18 +126,16 @@ def test_denormals_flushed_only_while_tuning():
     assert (tiny * 1).item() > 0  # the caller's arithmetic is left as it was
 
 
-def test_clip_search_through_compiled_qdq_chooses_the_same():
-    # SignRound's start reuses the compiled qdq kernels for the clipping search
+def test_clip_search_through_compiled_kernels_chooses_the_same():
+    # SignRound's start searches the clipping with compiled error kernels
     from signround.schemes import QuantSpec
     from signround.tune.rtn import COARSE_CLIP_GRID, search_clip
-    from signround.tune.signround import qdq_values
 
     g = torch.Generator().manual_seed(0)
     w, imp = torch.randn(64, 160, generator=g), torch.rand(160, generator=g) + 0.1
     for spec in (QuantSpec(bits=2, group_size=32), QuantSpec(bits=4, group_size=64, sym=False)):
         ref = search_clip(w, spec, imp, COARSE_CLIP_GRID)
-        got = search_clip(w, spec, imp, COARSE_CLIP_GRID,
-                          qdq_values=lambda w_, mn, mx, spec=spec: qdq_values(spec, w_, torch.zeros_like(w_), mn, mx, True))
+        got = search_clip(w, spec, imp, COARSE_CLIP_GRID, compile=True)
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
 
 

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from ..model.capture import _StopForward, block_forward, capture_block_inputs, cast_kwargs
 from ..model.layers import Conv1D, get_module, get_weight
 from ..plan import QuantPlan, untie_output_embedding
-from ..memory import drop_file_pages, release_memory
+from ..memory import drop_file_pages, gc_frozen_scope, release_memory
 from ..qdq import QParams
 from .config import TuneConfig
 from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, rtn_layer, search_clip
-from .signround import UnitResult, qdq_values, tune_unit
+from .signround import UnitResult, tune_unit
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult)
 
 
 @flush_denormals()
+@gc_frozen_scope()
 def quantize_calibrated(
     model: nn.Module,
     plan: QuantPlan,
@@ -162,7 +163,7 @@ def quantize_calibrated(
         logger.info("tuning the block forward/backward in bf16 autocast on %s (--disable_amp: fp32)", device.type)
 
     x_fp, block_kwargs = capture_block_inputs(model, plan.block_names, calib_ids, bs, store)
-    # capture's single-sample pass through every block (and the head) read the whole memory-mapped
+    # a capture that fell back to a full single-sample forward read the whole memory-mapped
     # checkpoint in; let its unmodified pages go until each block's turn (SmolLM2-135M W2G64, 5 iters:
     # peak RSS 1115 -> 953 MiB)
     drop_file_pages([p.data for p in model.parameters()], still_used=set(), live=True)
@@ -207,7 +208,7 @@ def quantize_calibrated(
         in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         drop_file_pages(old_weights, in_use)
         del old_weights
-        release_memory()
+        release_memory(freeze=True)  # what survives a block (model, caches) lives to the end
 
     for name in plan.outside_blocks():
         t0 = time.time()
@@ -232,16 +233,12 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
             return COARSE_CLIP_GRID, REFIT_GRID
         return opt_rtn_grids(spec, CLIP_GRID)
 
-    # when tuning follows, its compiled qdq kernels (same shapes) also serve the clipping search
+    # compiled error kernels pay off when tuning follows (compile is on then, and the same shapes recur)
     compiled_search = cfg.mode == "signround" and cfg.enable_torch_compile
 
     def search(w: torch.Tensor, spec, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        fn = None
-        if compiled_search:
-            no_offsets = torch.zeros_like(w)  # one buffer for all candidates of this layer
-            fn = lambda w_, mn, mx: qdq_values(spec, w_, no_offsets, mn, mx, True)  # noqa: E731
         clip_grid, refit_grid = grids(spec)
-        return search_clip(w, spec, importance, clip_grid, qdq_values=fn, refit_grid=refit_grid)
+        return search_clip(w, spec, importance, clip_grid, compile=compiled_search, refit_grid=refit_grid)
 
     def init(importance: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {rel: search(get_weight(m).detach().to(device).float(), spec, importance.get(rel))

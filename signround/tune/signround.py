@@ -23,14 +23,11 @@ from ..model.layers import attach_act_quant, get_weight, set_module, set_weight
 from ..qdq import QParams, n_groups, qdq
 from ..qdq.act import qdq_act
 from ..schemes import QuantSpec
+from . import kernels
 from .config import TuneConfig
 from .rtn import compact
 
 logger = logging.getLogger(__name__)
-
-
-_COMPILED: dict[QuantSpec, Callable] = {}
-_COMPILE_BROKEN: list[str] = []
 
 
 def _qdq_values(spec: QuantSpec) -> Callable:
@@ -41,36 +38,17 @@ def _qdq_values(spec: QuantSpec) -> Callable:
 
 
 def compiled_qdq(spec: QuantSpec) -> Callable | None:
-    """A torch.compile'd qdq for this spec (fused elementwise kernels: the eager qdq's many
-    full-size temporaries otherwise cost more than the block's matmuls), or None when compiling
+    """A torch.compile'd qdq for this spec (fused elementwise kernels), or None when compiling
     is unavailable here."""
-    if _COMPILE_BROKEN:
-        return None
-    if spec not in _COMPILED:
-        import torch._dynamo
-
-        import torch._inductor.config
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # keep the fp16 rounding of scales: without it inductor drops the fp32->fp16->fp32 round trip
-        torch._inductor.config.emulate_precision_casts = True
-        # compile in-process: a pool of compile workers costs hundreds of MB of RSS for a few kernels
-        torch._inductor.config.compile_threads = 1
-        _COMPILED[spec] = torch.compile(_qdq_values(spec), dynamic=False)
-    return _COMPILED[spec]
+    return kernels.compiled(("qdq", spec), _qdq_values(spec))
 
 
 def qdq_values(spec: QuantSpec, w: torch.Tensor, v: torch.Tensor, min_scale: torch.Tensor,
                max_scale: torch.Tensor, compile_qdq: bool) -> torch.Tensor:
     """qdq(w) values, through the compiled kernel when asked and available (eager otherwise, and
     for good after a compile failure)."""
-    fn = compiled_qdq(spec) if compile_qdq else None
-    if fn is not None:
-        try:
-            return fn(w, v, min_scale, max_scale)
-        except Exception as e:  # no compiler toolchain, unsupported backend, ...
-            logger.warning("torch.compile of qdq failed (%s: %s); using eager qdq", type(e).__name__, str(e)[:200])
-            _COMPILE_BROKEN.append(str(e))
+    if compile_qdq:
+        return kernels.call(("qdq", spec), _qdq_values(spec), w, v, min_scale, max_scale)
     return qdq(w, spec, v=v, min_scale=min_scale, max_scale=max_scale)[0]
 
 
