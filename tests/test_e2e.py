@@ -121,3 +121,18 @@ def test_loaded_model_generates_what_the_qdq_model_generates(stories_dir, tmp_pa
     with torch.no_grad():
         want, got = ar.model.generate(prompt, **kw), loaded.generate(prompt, **kw)
     assert got.shape == (1, 17) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_signround_every_architecture(arch, tiny_model_dir, tmp_path):
+    # tuning runs each block as the model calls it: keyword arguments, or positional ones (gpt2)
+    src = tiny_model_dir(arch)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    ar = AutoRound(str(src), scheme="W2A16", group_size=32, iters=20, nsamples=4, seqlen=16, batch_size=2,
+                   dataset=ids, enable_torch_compile=False)
+    ar.quantize_and_save(tmp_path / "q")
+    stats = ar.result.block_stats
+    assert len(stats) == len(ar.plan.block_names)
+    assert all(s["loss_final"] <= s["loss_start"] for s in stats.values())
+    assert any(s["loss_final"] < s["loss_start"] for s in stats.values()), "tuning moved nothing"
+    assert_reload_matches(ar, tmp_path / "q", 128)

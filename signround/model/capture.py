@@ -25,8 +25,14 @@ class _StopForward(Exception):
     pass
 
 
-class UnsupportedBlockCall(RuntimeError):
-    """The model calls a block with positional arguments besides the hidden states."""
+# key of a block's positional arguments after the hidden states (GPT-2 passes cache, mask and
+# encoder states that way) among its captured keyword arguments
+POSITIONAL = "__positional__"
+
+
+def _no_cache(arg: Any) -> Any:
+    """Blocks run without a KV cache while quantizing; a positional cache object becomes None."""
+    return None if hasattr(arg, "get_seq_length") else arg
 
 
 def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -97,8 +103,10 @@ def _block_kwargs(
     out_like: list[Any] = []
     recorded: dict[str, dict[str, Any]] = {}
 
-    def record(name: str, kwargs: dict[str, Any]) -> None:
+    def record(name: str, args: tuple, kwargs: dict[str, Any]) -> None:
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if len(args) > 1:
+            kw[POSITIONAL] = tuple(_no_cache(a) for a in args[1:])
         kw["use_cache"] = False
         for k in ("past_key_values", "past_key_value", "layer_past"):
             kw.pop(k, None)
@@ -117,9 +125,7 @@ def _block_kwargs(
             block = get_module(model, name)
 
             def pre(_mod, args, kwargs, name=name):
-                if len(args) > 1:
-                    raise UnsupportedBlockCall(f"block {name} takes positional arguments besides hidden states; not supported")
-                record(name, kwargs)
+                record(name, args, kwargs)
                 if fast and name == last:
                     raise _StopForward
 
@@ -145,8 +151,6 @@ def _block_kwargs(
     with torch.no_grad():
         try:
             run(fast=shortcut and len(block_names) > 1)
-        except UnsupportedBlockCall:
-            raise
         except Exception as e:  # noqa: BLE001 - any failure of the shortcut: do it the slow, sure way
             logger.debug("pass-through kwargs capture failed (%s); running the full forward", e)
             run(fast=False)
@@ -171,5 +175,7 @@ def cast_kwargs(kwargs: dict[str, Any], device: torch.device | str, dtype: torch
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(x, **kwargs)
+    """The block's hidden-state output for ``x``, called as the model calls it (captured arguments)."""
+    kw = dict(kwargs)
+    out = block(x, *kw.pop(POSITIONAL, ()), **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
