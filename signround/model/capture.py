@@ -2,9 +2,10 @@
 
 Hidden states for every calibration sample come from running the model up to block 0 (a pre-hook
 stops the forward there). The other arguments each block gets (attention mask, position ids,
-rotary embeddings, cache position) come from one single-sample forward through all blocks, so
-architectures whose blocks get different masks (sliding-window layers) are served too. Samples are
-all full-length and unpadded, so single-sample arguments broadcast over any batch.
+rotary embeddings, cache position; keyword or positional) are recorded per block during one
+single-sample forward in which only block 0 computes, so architectures whose blocks get different
+masks (sliding-window layers) are served too. Samples are all full-length and unpadded, so
+single-sample arguments broadcast over any batch.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _block_kwargs(
     model: nn.Module, block_names: list[str], sample: torch.Tensor, store_device: torch.device | str,
     shortcut: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Each block's keyword arguments, from one forward of ``sample``.
+    """Each block's arguments besides the hidden states, from one forward of ``sample``: keywords,
+    and positional ones under :data:`POSITIONAL`.
 
     The arguments come from the model's forward before its block loop (masks, rotary tables), not
     from the hidden states, so only the first block computes: the others pass their input through,
