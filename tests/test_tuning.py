@@ -354,3 +354,25 @@ def test_bf16_autocast_tuning_still_beats_rtn(stories_dir, monkeypatch, caplog):
     assert "bf16 autocast" in caplog.text
     for block, s in ar.result.block_stats.items():
         assert s["loss_final"] < s["loss_rtn"], (block, s)
+
+
+def test_compile_failure_falls_back_to_eager_for_good(monkeypatch, caplog):
+    from signround.tune import kernels
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_BROKEN", [])
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    spec = QuantSpec(bits=2, group_size=32)
+    w = torch.randn(4, 64)
+    with caplog.at_level("WARNING", logger="signround.tune.kernels"):
+        out = kernels.call(("qdq", spec), lambda w_: qdq(w_, spec)[0], w)
+    torch.testing.assert_close(out, qdq(w, spec)[0])
+    assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
+    assert kernels.compiled(("other", spec), lambda x: x) is None  # every later kernel runs eager
