@@ -114,8 +114,8 @@ def _block_kwargs(
             kw.pop(k, None)
         recorded[name] = _detach(kw, store_device)
 
-    def passthrough(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        hidden = hidden_states if hidden_states is not None else kwargs["hidden_states"]
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden = _hidden_from(args, kwargs)
         like = out_like[0]
         return (hidden, *like[1:]) if isinstance(like, tuple) else hidden
 
@@ -151,12 +151,16 @@ def _block_kwargs(
                     block.forward = own
 
     with torch.no_grad():
-        try:
-            run(fast=shortcut and len(block_names) > 1)
-        except Exception as e:  # noqa: BLE001 - any failure of the shortcut: do it the slow, sure way
-            logger.debug("pass-through kwargs capture failed (%s); running the full forward", e)
-            run(fast=False)
-        if set(recorded) != set(block_names):  # the loop skipped or reordered blocks
+        fast = shortcut and len(block_names) > 1
+        if fast:
+            try:
+                run(fast=True)
+                # stopped at the last block before reaching the others: the loop reorders blocks
+                fast = set(recorded) == set(block_names)
+            except Exception as e:  # noqa: BLE001 - any failure of the shortcut: do it the slow, sure way
+                logger.debug("pass-through kwargs capture failed (%s); running the full forward", e)
+                fast = False
+        if not fast:
             run(fast=False)
     return recorded
 
