@@ -43,6 +43,7 @@ def main():
     texts = json.load(open(a["calib"]))
     kw = dict(iters=a["iters"], nsamples=a["nsamples"], seqlen=a["seqlen"], batch_size=a["batch_size"],
               dataset=texts, seed=a["seed"])
+    kw.update({k: a[k] for k in ("lr", "minmax_lr") if k in a})
     if a["preset"] is None:
         kw.update(bits=a["bits"], group_size=a["group_size"], sym=a["sym"])
     if a["plain_rtn"]:
@@ -156,11 +157,13 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
         if upy is None:
             return {"skipped": MISSING}
         a = {**run, "model": args.model, "calib": str(calib), "out": str(out), "nsamples": args.nsamples,
-             "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": upstream_seed(run, args)}
+             "seqlen": args.seqlen, "batch_size": args.batch_size, **upstream_options(run, args)}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     res = measure(cmd, work / f"{run['name']}.log")
     if extra:
         res["ours_args"] = extra
+    if run["tool"] == "upstream" and args.label_args.get(run.get("label")):
+        res["upstream_args"] = args.label_args[run["label"]]
     # upstream writes tuned models into a subdirectory named after the model and scheme
     found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
     res["dir"] = str(found[0] if found else out)
@@ -185,16 +188,34 @@ def parse_label_args(items: list[str]) -> dict[str, str]:
     return out
 
 
-def upstream_seed(run: dict, args) -> int:
-    """The seed of an upstream run: ``--seed N`` from its label's ``--label_args``, else 42 (both tools'
-    default). Upstream runs take no other option (``check_labels`` refuses them before any work)."""
-    opts = shlex.split(args.label_args.get(run.get("label"), ""))
-    return int(opts[1]) if opts else 42
+# the options an upstream run's label may give it (AutoRound keyword arguments of the same names)
+UPSTREAM_OPTIONS = {"--seed": int, "--lr": float, "--minmax_lr": float}
+
+
+def upstream_options(run: dict, args) -> dict:
+    """Settings of an upstream run from its label's ``--label_args``: ``--seed N`` (default 42, both
+    tools' default), ``--lr X``, ``--minmax_lr X``. Anything else is refused (see ``check_labels``)."""
+    words = shlex.split(args.label_args.get(run.get("label"), ""))
+    out = {"seed": 42}
+    for opt, value in zip(words[::2], words[1::2]):
+        out[opt[2:]] = UPSTREAM_OPTIONS[opt](value)
+    return out
+
+
+def _upstream_options_ok(words: list[str]) -> bool:
+    if len(words) % 2:
+        return False
+    for opt, value in zip(words[::2], words[1::2]):
+        try:
+            UPSTREAM_OPTIONS[opt](value)
+        except (KeyError, ValueError):
+            return False
+    return True
 
 
 def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
     """A ``--label_args`` label that no run carries would silently change nothing, and upstream runs
-    understand only ``--seed N``: refuse either before any work."""
+    understand only ``--seed N``, ``--lr X`` and ``--minmax_lr X``: refuse either before any work."""
     used = {r["label"] for r in runs}
     for label, opts in label_args.items():
         if label not in used:
@@ -202,9 +223,9 @@ def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
                              f"add ':{label}' to a run spec, e.g. ours:W4G64:50:{label}")
         words = shlex.split(opts)
         upstream = any(r["tool"] == "upstream" and r["label"] == label for r in runs)
-        if upstream and words and not (len(words) == 2 and words[0] == "--seed" and words[1].isdigit()):
-            raise SystemExit(f"--label_args {label!r}: upstream runs take only '--seed N', got {opts!r}; "
-                             f"give the upstream run its own label")
+        if upstream and not _upstream_options_ok(words):
+            raise SystemExit(f"--label_args {label!r}: upstream runs take only '--seed N', '--lr X' and "
+                             f"'--minmax_lr X', got {opts!r}; give the upstream run its own label")
 
 
 def evaluate(path: str, fp: bool, args) -> dict:
@@ -242,7 +263,8 @@ def main() -> int:
     ap.add_argument("--label_args", action="append", default=[], metavar="LABEL=ARGS",
                     help="extra signround CLI options for the runs with that label, e.g. "
                     "--label_args 'bs4=--batch_size 4' with run ours:W4G64:50:bs4 (repeatable); "
-                    "upstream runs take only '--seed N' (e.g. 's43=--seed 43' for a seed sweep of both tools)")
+                    "upstream runs take only '--seed N', '--lr X' and '--minmax_lr X' (e.g. 's43=--seed 43' for a seed "
+                    "sweep of both tools)")
     args = ap.parse_args()
     args.label_args = parse_label_args(args.label_args)
     runs = [parse_run(s) for s in args.runs.split(",") if s]

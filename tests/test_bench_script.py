@@ -46,10 +46,15 @@ def test_label_args_for_no_run_or_upstream_options_are_refused_before_any_work(b
         bench.check_labels(runs, {"bs2": "--batch_size 2"})
     with pytest.raises(SystemExit, match="upstream runs take only '--seed N'"):
         bench.check_labels(runs, {"b": "--batch_size 2"})
+    with pytest.raises(SystemExit, match="upstream runs take only"):
+        bench.check_labels(runs, {"b": "--lr"})
+    bench.check_labels(runs, {"b": "--lr 0.01 --minmax_lr 0.0025"})
 
 
-def test_upstream_runs_take_the_seed_of_their_label(bench):
-    args = argparse.Namespace(ours_args="", label_args={"s43": "--seed 43"})
-    assert bench.upstream_seed(bench.parse_run("upstream:W2G64:50:s43"), args) == 43
-    assert bench.upstream_seed(bench.parse_run("upstream:W2G64:50"), args) == 42
+def test_upstream_runs_take_the_seed_and_steps_of_their_label(bench):
+    args = argparse.Namespace(ours_args="", label_args={"s43": "--seed 43", "f": "--lr 0.01 --minmax_lr 0.0025"})
+    assert bench.upstream_options(bench.parse_run("upstream:W2G64:50:s43"), args) == {"seed": 43}
+    assert bench.upstream_options(bench.parse_run("upstream:W2G64:50"), args) == {"seed": 42}
+    assert bench.upstream_options(bench.parse_run("upstream:W4G64:30:f"), args) == {"seed": 42, "lr": 0.01,
+                                                                                    "minmax_lr": 0.0025}
     assert bench.run_ours_args(bench.parse_run("ours:W2G64:50:s43"), args) == "--seed 43"
