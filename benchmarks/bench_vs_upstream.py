@@ -188,29 +188,40 @@ def parse_label_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _seed(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
+
+
+def _step(value: str) -> float:
+    step = float(value)
+    if not step > 0:
+        raise ValueError(value)
+    return step
+
+
 # the options an upstream run's label may give it (AutoRound keyword arguments of the same names)
-UPSTREAM_OPTIONS = {"--seed": int, "--lr": float, "--minmax_lr": float}
+UPSTREAM_OPTIONS = {"--seed": _seed, "--lr": _step, "--minmax_lr": _step}
 
 
-def upstream_options(run: dict, args) -> dict:
-    """Settings of an upstream run from its label's ``--label_args``: ``--seed N`` (default 42, both
-    tools' default), ``--lr X``, ``--minmax_lr X``. Anything else is refused (see ``check_labels``)."""
-    words = shlex.split(args.label_args.get(run.get("label"), ""))
-    out = {"seed": 42}
+def parse_upstream_options(opts: str) -> dict:
+    """``--seed N`` (default 42, both tools' default), ``--lr X``, ``--minmax_lr X`` as AutoRound
+    keyword arguments; ValueError for anything else."""
+    words = shlex.split(opts)
+    if len(words) % 2:
+        raise ValueError(opts)
+    out: dict = {"seed": 42}
     for opt, value in zip(words[::2], words[1::2]):
+        if opt not in UPSTREAM_OPTIONS:
+            raise ValueError(opt)
         out[opt[2:]] = UPSTREAM_OPTIONS[opt](value)
     return out
 
 
-def _upstream_options_ok(words: list[str]) -> bool:
-    if len(words) % 2:
-        return False
-    for opt, value in zip(words[::2], words[1::2]):
-        try:
-            UPSTREAM_OPTIONS[opt](value)
-        except (KeyError, ValueError):
-            return False
-    return True
+def upstream_options(run: dict, args) -> dict:
+    """Settings of an upstream run from its label's ``--label_args`` (checked by ``check_labels``)."""
+    return parse_upstream_options(args.label_args.get(run.get("label"), ""))
 
 
 def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
@@ -221,11 +232,13 @@ def check_labels(runs: list[dict], label_args: dict[str, str]) -> None:
         if label not in used:
             raise SystemExit(f"--label_args {label!r} matches no run in --runs; "
                              f"add ':{label}' to a run spec, e.g. ours:W4G64:50:{label}")
-        words = shlex.split(opts)
         upstream = any(r["tool"] == "upstream" and r["label"] == label for r in runs)
-        if upstream and not _upstream_options_ok(words):
+        try:
+            if upstream:
+                parse_upstream_options(opts)
+        except ValueError:
             raise SystemExit(f"--label_args {label!r}: upstream runs take only '--seed N', '--lr X' and "
-                             f"'--minmax_lr X', got {opts!r}; give the upstream run its own label")
+                             f"'--minmax_lr X', got {opts!r}; give the upstream run its own label") from None
 
 
 def evaluate(path: str, fp: bool, args) -> dict:

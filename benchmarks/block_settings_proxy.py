@@ -34,7 +34,9 @@ from bench_vs_upstream import CORPORA, calibration_texts  # noqa: E402
 
 def held_out_ids(tok, corpus: str, nsamples: int, seqlen: int) -> torch.Tensor:
     """nsamples x seqlen tokens from the middle of a perplexity corpus (its windows are at the start)."""
-    text = CORPORA[corpus].read_text()
+    from signround.eval import read_text
+
+    text = read_text(CORPORA[corpus])
     mid = len(text) // 2
     ids = tok(text[mid : mid + 40 * nsamples * seqlen], return_tensors="pt").input_ids[0]
     if ids.numel() < nsamples * seqlen:
@@ -59,15 +61,24 @@ def main() -> int:
     from signround.model.capture import block_forward, capture_block_inputs, cast_kwargs
     from signround.model.layers import get_module
     from signround.tune import pipeline
-    from signround.tune.config import TuneConfig
+    from signround.errors import ConfigError
+    from signround.tune.config import tune_config
 
-    variants = json.loads(args.variants)
+    try:
+        variants = json.loads(args.variants)
+        configs = [(dict(v).pop("label", json.dumps(v, sort_keys=True)),
+                    tune_config(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+                                **{k: x for k, x in v.items() if k != "label"})) for v in variants]
+    except (json.JSONDecodeError, AttributeError, TypeError, ConfigError) as e:
+        raise SystemExit(f"--variants must be a JSON list of objects of TuneConfig fields (and a label): {e}") from None
     blocks = [int(b) for b in args.blocks.split(",")]
     texts = calibration_texts(args.model, args.nsamples, args.seqlen)
     ar = AutoRound(args.model, scheme=args.scheme, group_size=args.group_size, sym=True, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=texts)
     model = ar.model.float()
     names = ar.plan.block_names
+    if not all(0 <= i < len(names) for i in blocks):
+        raise SystemExit(f"--blocks: the model has blocks 0..{len(names) - 1}, got {args.blocks}")
     dev = torch.device("cpu")
     bs = args.batch_size
     x_cal, kwargs = capture_block_inputs(model, names, ar.calibration_ids(), bs, dev)
@@ -89,11 +100,9 @@ def main() -> int:
 
     print("| setting | " + " | ".join(" | ".join(f"block {i} {c}" for c in corpora) + " | calibration | s" for i in blocks) + " |")
     print("|---|" + "---|" * ((len(corpora) + 2) * len(blocks)))
+    targets = {}  # (block, autocast dtype) -> fp block outputs on (calibration, {corpus: held-out})
     rows = []
-    for v in variants:
-        v = dict(v)
-        label = v.pop("label", json.dumps(v, sort_keys=True))
-        cfg = TuneConfig(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=bs, **v).validate()
+    for (label, cfg), v in zip(configs, variants):
         per_block = {}
         for i in blocks:
             x, h, kw = inputs[i]
@@ -105,17 +114,21 @@ def main() -> int:
                 with pipeline._autocast(dev, cfg):
                     return block_forward(unit, xb, kw)
 
-            y_cal = batched(lambda xb: run(fp_blk, xb), x)
+            key = (i, pipeline.amp_dtype(dev, cfg))
+            if key not in targets:
+                targets[key] = (batched(lambda xb: run(fp_blk, xb), x),
+                                {c: batched(lambda xb: run(fp_blk, xb), hc) for c, hc in h.items()})
+            y_cal, y_held = targets[key]
             layers = {n[len(prefix):]: (get_module(blk, n[len(prefix):]), ar.plan.specs[n]) for n in ar.plan.layers_of(names[i])}
             gen = torch.Generator().manual_seed(cfg.seed)
             t0 = time.perf_counter()
             res = pipeline._quantize_unit(blk, layers, run, x, lambda idx, xb: y_cal[idx], cfg, dev, bs, gen)
             seconds = time.perf_counter() - t0
-            held = {c: F.mse_loss(batched(lambda xb: run(blk, xb), hc).float(),
-                                  batched(lambda xb: run(fp_blk, xb), hc).float()).item() for c, hc in h.items()}
+            held = {c: F.mse_loss(batched(lambda xb: run(blk, xb), hc).float(), y_held[c].float()).item()
+                    for c, hc in h.items()}
             per_block[i] = {"held_out": held, "calibration": res.stats.loss_final, "start": res.stats.loss_start,
                             "best_iter": res.stats.best_iter, "seconds": round(seconds, 2)}
-        rows.append({"label": label, "settings": v, "blocks": per_block})
+        rows.append({"label": label, "settings": {k: x for k, x in v.items() if k != "label"}, "blocks": per_block})
         cells = " | ".join(" | ".join(f"{d['held_out'][c]:.5f}" for c in corpora) + f" | {d['calibration']:.5f} | {d['seconds']:.1f}"
                            for d in per_block.values())
         print(f"| {label} | {cells} |", flush=True)

@@ -48,6 +48,9 @@ def test_label_args_for_no_run_or_upstream_options_are_refused_before_any_work(b
         bench.check_labels(runs, {"b": "--batch_size 2"})
     with pytest.raises(SystemExit, match="upstream runs take only"):
         bench.check_labels(runs, {"b": "--lr"})
+    for bad in ("--seed -5", "--lr 0", "--minmax_lr nan", "--lr 0.01 --iters 30"):
+        with pytest.raises(SystemExit, match="upstream runs take only"):
+            bench.check_labels(runs, {"b": bad})
     bench.check_labels(runs, {"b": "--lr 0.01 --minmax_lr 0.0025"})
 
 
