@@ -84,11 +84,15 @@ class TuneConfig:
         return self
 
 
-# Recipes: upstream's auto-round-best / auto-round / auto-round-light settings.
+# Recipes: upstream's auto-round-best / auto-round / auto-round-light settings, and "fast": few
+# iterations want smaller steps than 1/iters, the clipping scales (which start from the searched
+# optimized-RTN ranges) smaller still; measured on SmolLM2-135M, see the README's "Smaller steps for
+# short runs".
 RECIPES: dict[str, dict] = {
     "best": {"iters": 1000, "nsamples": 512},
     "default": {},
     "light": {"iters": 50, "lr": 5e-3},
+    "fast": {"iters": 30, "lr": 0.01, "minmax_lr": 0.0025},
 }
 
 
