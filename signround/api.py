@@ -152,9 +152,11 @@ class AutoRound:
         if self.cfg.needs_data or self.plan.needs_act_range:
             ids = self.calibration_ids()
             device = _compute_device(self._model, self.device_map)
+            # the steps are logged because recipes and data types choose them, not only --lr
+            steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
             logger.info(
-                "%s on %s: %d samples x %d tokens, %d iters, batch %d", self.cfg.mode, device, ids.shape[0],
-                ids.shape[1], self.cfg.iters, self.cfg.batch_size,
+                "%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device, ids.shape[0],
+                ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps,
             )
             self.result = quantize_calibrated(self._model, self.plan, self.cfg, ids, device, keep_weights=keep_weights)
         else:

@@ -1,6 +1,7 @@
 """SignRound and optimized RTN on stories260K: losses, chaining, lm_head, logs, reload."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -93,10 +94,12 @@ def test_recipes_and_bad_options(stories_dir):
 
 
 def test_few_samples_lower_batch_size(stories_dir, caplog):
+    caplog.set_level(logging.INFO, logger="signround")
     ar = AutoRound(str(stories_dir), scheme="W4A16", iters=2, nsamples=3, seqlen=64, batch_size=8,
                    enable_torch_compile=False)
     ar.quantize()
     assert ar.cfg.batch_size == 3 and "batch_size lowered" in caplog.text
+    assert "2 iters, batch 3, lr 0.5, minmax_lr 0.5" in caplog.text  # the steps in use are logged
 
 
 def test_compiled_qdq_matches_eager():
