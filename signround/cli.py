@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, SignRoundError
-from .tune.config import RECIPES
+from .tune.config import RECIPES, describe_recipes
 
 logger = logging.getLogger("signround")
 
@@ -37,8 +37,7 @@ def _bool(text: str) -> bool:
 def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Quantize a Hugging Face causal LM with SignRound.")
     p.add_argument("--recipe", default=recipe, choices=list(RECIPES),
-                   help="best: 1000 iters, 512 samples; default: 200 iters; light: 50 iters, lr 5e-3; "
-                        "fast: 30 iters, lr 0.01, minmax_lr 0.0025")
+                   help=describe_recipes())
     p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
     p.add_argument("--scheme", default=None,
                    help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "

@@ -78,6 +78,9 @@ def test_recipes_and_bad_options(stories_dir):
     assert tune_config("light").iters == 50 and tune_config("light").lr == 5e-3
     fast = tune_config("fast", iters=40)  # a recipe's values give way to the user's
     assert (fast.iters, fast.lr, fast.minmax_lr) == (40, 0.01, 0.0025)
+    from signround.tune.config import describe_recipes  # the CLI help lists each recipe's values
+
+    assert "light: iters 50, lr 0.005; fast: iters 30, lr 0.01, minmax_lr 0.0025" in describe_recipes()
     assert tune_config().iters == 200 and tune_config().lr_value == 1 / 200
     # nv_fp and GGUF layers take smaller automatic steps; explicit values and other types are untouched
     nv, w4, gguf = preset("NVFP4"), preset("W4A16"), preset("GGUF:Q2_K_S")

@@ -96,6 +96,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def describe_recipes() -> str:
+    """The recipes in one line for the CLI help, built from the registry so the two cannot disagree."""
+    default_iters = TuneConfig().iters
+    parts = [f"{name}: " + (", ".join(f"{k} {v:g}" for k, v in values.items()) or f"upstream's defaults (iters {default_iters})")
+             for name, values in RECIPES.items()]
+    return "; ".join(parts)
+
+
 def tune_config(recipe: str = "default", **overrides) -> TuneConfig:
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
