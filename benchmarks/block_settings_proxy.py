@@ -66,9 +66,10 @@ def main() -> int:
 
     try:
         variants = json.loads(args.variants)
-        configs = [(dict(v).pop("label", json.dumps(v, sort_keys=True)),
-                    tune_config(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-                                **{k: x for k, x in v.items() if k != "label"})) for v in variants]
+        settings = [{k: x for k, x in v.items() if k != "label"} for v in variants]
+        configs = [(v.get("label", json.dumps(v, sort_keys=True)),
+                    tune_config(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, **o))
+                   for v, o in zip(variants, settings)]
     except (json.JSONDecodeError, AttributeError, TypeError, ConfigError) as e:
         raise SystemExit(f"--variants must be a JSON list of objects of TuneConfig fields (and a label): {e}") from None
     blocks = [int(b) for b in args.blocks.split(",")]
@@ -102,7 +103,7 @@ def main() -> int:
     print("|---|" + "---|" * ((len(corpora) + 2) * len(blocks)))
     targets = {}  # (block, autocast dtype) -> fp block outputs on (calibration, {corpus: held-out})
     rows = []
-    for (label, cfg), v in zip(configs, variants):
+    for (label, cfg), o in zip(configs, settings):
         per_block = {}
         for i in blocks:
             x, h, kw = inputs[i]
@@ -128,7 +129,7 @@ def main() -> int:
                     for c, hc in h.items()}
             per_block[i] = {"held_out": held, "calibration": res.stats.loss_final, "start": res.stats.loss_start,
                             "best_iter": res.stats.best_iter, "seconds": round(seconds, 2)}
-        rows.append({"label": label, "settings": {k: x for k, x in v.items() if k != "label"}, "blocks": per_block})
+        rows.append({"label": label, "settings": o, "blocks": per_block})
         cells = " | ".join(" | ".join(f"{d['held_out'][c]:.5f}" for c in corpora) + f" | {d['calibration']:.5f} | {d['seconds']:.1f}"
                            for d in per_block.values())
         print(f"| {label} | {cells} |", flush=True)
