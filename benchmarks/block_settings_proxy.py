@@ -82,7 +82,7 @@ def main() -> int:
         raise SystemExit(f"--blocks: the model has blocks 0..{len(names) - 1}, got {args.blocks}")
     dev = torch.device("cpu")
     bs = args.batch_size
-    x_cal, kwargs = capture_block_inputs(model, names, ar.calibration_ids(), bs, dev)
+    x_cal, kwargs, _ = capture_block_inputs(model, names, ar.calibration_ids(), bs, dev)
     corpora = list(CORPORA)
     x_held = {c: capture_block_inputs(model, names, held_out_ids(ar.tokenizer, c, args.nsamples, args.seqlen), bs, dev)[0]
               for c in corpora}

@@ -1,8 +1,20 @@
-"""``AutoRound``: the entry point that mirrors upstream AutoRound's Python API."""
+"""``AutoRound``: the entry point that mirrors upstream AutoRound's Python API.
+
+A run is a short sequence of steps, each a function of its own module:
+
+1. settings: scheme and tuning config resolved and validated (``schemes``, ``tune.config``);
+2. model: a meta-device skeleton with weights streamed from safetensors, or a whole model
+   (``model.loading``), and the per-layer plan with its up-front checks (``plan``);
+3. output: formats checked against the plan, the hidden partial directory opened, resume state
+   read (``export``, ``resume``);
+4. calibration data and the block loop, which writes each block as it finishes (``tune.pipeline``,
+   ``export.sink``);
+5. finish: the rest of each file, report.json, rename into place, self-check (``selfcheck``).
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import random
@@ -15,16 +27,23 @@ import torch
 from torch import nn
 
 from . import export
-from .errors import ConfigError
-from .model.loading import load_model_and_tokenizer
-from .plan import QuantPlan, build_plan
-from .report import bits_summary, format_summary, peak_gpu_bytes, peak_rss_bytes
-from .schemes import QuantSpec, resolve_scheme
 from .calib import DEFAULT_DATASET, build_calibration
+from .errors import ConfigError, ExportError, SignRoundError
+from .export.writer import write_error, write_failure
+from .model.loading import load_model_and_tokenizer
+from .model.source import InMemorySource, WeightSource
+from .plan import QuantPlan, build_plan, untie_output_embedding
+from .report import (PLOT_FILE, REPORT_FILE, bits_summary, format_summary, layer_table, peak_gpu_bytes,
+                     peak_rss_bytes, render_plot, write_report)
+from .schemes import QuantSpec, resolve_scheme
 from .tune.config import TuneConfig, tune_config
-from .tune.pipeline import QuantResult, quantize_calibrated, quantize_rtn, restore_weights
+from .tune.pipeline import QuantResult, probe_ids_for, quantize_model, restore_weights
 
 logger = logging.getLogger(__name__)
+
+
+class SelfCheckFailed(SignRoundError):
+    """The saved files, loaded back, do not compute what was quantized."""
 
 
 class AutoRound:
@@ -33,7 +52,8 @@ class AutoRound:
     ``model`` is a local model directory or an already-loaded ``PreTrainedModel``. ``scheme`` is a
     preset name (``W4A16``, ``W2A16G64``, ...) that ``bits`` / ``group_size`` / ``sym`` override.
     ``layer_config`` maps exact layer names, substrings or regexes to a preset name or a dict of
-    overrides (``{"bits": 16}`` keeps a layer in full precision).
+    overrides (``{"bits": 16}`` keeps a layer in full precision). ``low_cpu_mem_usage`` (default)
+    streams a local safetensors checkpoint block by block instead of loading it whole.
     """
 
     def __init__(
@@ -72,9 +92,11 @@ class AutoRound:
         device_map: str | dict | None = None,
         dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
+        low_cpu_mem_usage: bool = True,
         seed: int = 42,
     ):
         self.start_time = time.time()
+        # 1. settings
         self.spec = resolve_scheme(
             scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
             act_group_size=act_group_size, act_dynamic=act_dynamic,
@@ -91,19 +113,29 @@ class AutoRound:
         self.device_map = device_map
         self.seed = seed
         _seed_everything(seed)
-        self._model, self.tokenizer, self.source_dir = load_model_and_tokenizer(
-            model, tokenizer, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code
+        # 2. model and plan
+        self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
+            model, tokenizer, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=low_cpu_mem_usage,
         )
         self.plan: QuantPlan = build_plan(
-            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
+            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names, self.source
         )
         self._check_seqlen()
         self.result: QuantResult | None = None
         self.summary: dict[str, Any] = {}
+        self._calib: torch.Tensor | None = None
+        self._probe: torch.Tensor | None = None
+        self._saved: tuple[Path, list] | None = None  # (output, exporters) of the last save
+        self._loaded: nn.Module | None = None
 
     @property
     def iters(self) -> int:
         return self.cfg.iters
+
+    @property
+    def streamed(self) -> bool:
+        return self.source.streamed
 
     def _check_seqlen(self) -> None:
         if not self.cfg.needs_data:
@@ -118,11 +150,18 @@ class AutoRound:
 
     def calibration_ids(self) -> torch.Tensor:
         """Tokenized calibration samples ``[n, seqlen]`` (validated: at least one sample)."""
-        ids = build_calibration(self.dataset, self.tokenizer, self.cfg.seqlen, self.cfg.nsamples, self.seed)
-        if ids.shape[0] < self.cfg.batch_size:
-            logger.warning("only %d calibration samples: batch_size lowered from %d", ids.shape[0], self.cfg.batch_size)
-            self.cfg.batch_size = ids.shape[0]
-        return ids
+        if self._calib is None:
+            ids = build_calibration(self.dataset, self.tokenizer, self.cfg.seqlen, self.cfg.nsamples, self.seed)
+            if ids.shape[0] < self.cfg.batch_size:
+                logger.warning("only %d calibration samples: batch_size lowered from %d", ids.shape[0],
+                               self.cfg.batch_size)
+                self.cfg.batch_size = ids.shape[0]
+            self._calib = ids
+        return self._calib
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.cfg.needs_data or self.plan.needs_act_range
 
     @property
     def layer_config(self) -> dict[str, dict[str, Any]]:
@@ -135,86 +174,198 @@ class AutoRound:
 
     @property
     def model(self) -> nn.Module:
-        """The model, quantized in place once quantized. Weights released while saving come back
-        (dequantized from their QParams) on first access."""
+        """The model, quantized in place once quantized (released weights come back, dequantized
+        from their QParams, on first access). After a streamed quantize_and_save, whose model never
+        existed whole in memory, the saved files loaded back."""
+        if self.source.streamed and self._saved is not None:
+            if self._loaded is None:
+                self._loaded = self._returned_model(*self._saved)
+            return self._loaded
         if self.result is not None and self.result.released:
             restore_weights(self._model, self.result)
         return self._model
 
+    # -- quantize ---------------------------------------------------------------------------------
     def quantize(self) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-        """Quantize in place; returns ``(model, layer_config)`` like upstream."""
-        self._quantize(keep_weights=True)
-        return self.model, self.layer_config
+        """Quantize in place; returns ``(model, layer_config)`` like upstream. A streamed model
+        keeps its QParams (compact codes) for ``save_quantized``; its blocks stay on the meta device."""
+        if self.result is None:
+            self.result = self._run(sink=None, checkpoint=None, keep_weights=True)
+            if self.source.streamed:
+                self._load_whole()
+        return self._model, self.layer_config
 
-    def _quantize(self, keep_weights: bool) -> None:
-        if self.result is not None:
-            return
-        if self.cfg.needs_data or self.plan.needs_act_range:
-            ids = self.calibration_ids()
-            device = _compute_device(self._model, self.device_map)
-            # the steps are logged because recipes and data types choose them, not only --lr
+    def _load_whole(self) -> None:
+        """After a streamed quantize(): every block back in memory with its qdq weights (the caller
+        asked for the model), and the source no longer streams."""
+        assert self.result is not None
+        for block in self.plan.block_names:
+            self.source.materialize(self._model, block)
+            names = self.plan.layers_of(block)
+            self.result.released.update({n: torch.device("cpu") for n in names})
+            restore_weights(self._model, self.result, names)
+        self.source = InMemorySource()
+
+    def _run(self, sink: Any, checkpoint: Any, keep_weights: bool) -> QuantResult:
+        device = _compute_device(self._model, self.device_map)
+        ids = self.calibration_ids() if self.needs_calibration else None
+        self._probe = probe_ids_for(self._model, seed=self.seed)
+        if ids is not None:
             steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
-            logger.info(
-                "%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device, ids.shape[0],
-                ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps,
-            )
-            self.result = quantize_calibrated(self._model, self.plan, self.cfg, ids, device, keep_weights=keep_weights)
-        else:
-            self.result = quantize_rtn(self._model, self.plan)
+            logger.info("%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device,
+                        ids.shape[0], ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps)
+        return quantize_model(self._model, self.plan, self.cfg, ids, device, self.source, sink, keep_weights,
+                              self._probe, checkpoint)
 
+    # -- save -------------------------------------------------------------------------------------
     def save_quantized(
-        self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True, **kwargs: Any
+        self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True,
+        max_shard_size: int | str | None = None, self_check: bool = True, **kwargs: Any
     ) -> Path:
-        """Write the quantized model to exactly ``output_dir`` in ``format``.
-
-        ``format`` is auto_round, auto_gptq, auto_awq or fake, or several comma-separated (one
-        subdirectory each, from the same tuning).
-        """
+        """Write the quantized model to exactly ``output_dir`` in ``format`` (several comma-separated:
+        one subdirectory each, from the same tuning)."""
         if self.result is None:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
-        model = self.model if _reads_weights(format) else self._model
-        out = export.save(
-            output_dir, format, model, self.plan, self.result.qparams, self.tokenizer, self.source_dir,
-            extra_config=self._config_record(), extra_files=self._log_files(), **kwargs,
-        )
+        _reject_unknown(kwargs)
+        exporters = export.check_formats(format, self._model, self.plan, output_dir)
+        partial = export.PartialDir(output_dir)
+        with _guarded(partial, self._needed_bytes(exporters)):
+            sink = export.ExportSink(exporters, partial.path, self._model, self.plan, self.source_dir,
+                                     _shard_bytes(max_shard_size))
+            self._replay(sink, reads_weights=_reads_weights(exporters))
+            out = self._finish(sink, partial, exporters)
+        self._self_check(out, exporters, self_check)
+        return out
+
+    def _replay(self, sink: Any, reads_weights: bool) -> None:
+        """Hand the sink every block again, as the block loop would have (whole-model saves)."""
+        assert self.result is not None
+        for block in self.plan.block_names:
+            names = self.plan.layers_of(block)
+            if reads_weights:
+                restore_weights(self._model, self.result, [n for n in names if n in self.result.released])
+            sink.block(self._model, block, {n: self.result.qparams[n] for n in names})
+
+    def quantize_and_save(
+        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", resume: bool = False,
+        start_over: bool = False, self_check: bool = True, max_shard_size: int | str | None = None, **kwargs: Any
+    ) -> tuple[nn.Module, Path]:
+        """Check the output target, quantize while writing each block as it finishes, save.
+
+        ``resume``: continue an interrupted run into the same ``output_dir`` after its last finished
+        block (same settings required); ``start_over``: discard such a run. Returns ``(model, path)``;
+        a streamed model comes back loaded from the saved files.
+        """
+        _reject_unknown(kwargs)
+        out = self.run_and_save(output_dir, format, resume, start_over, self_check, max_shard_size)
+        return self.model, out
+
+    def run_and_save(self, output_dir: str | os.PathLike, format: str = "auto_round", resume: bool = False,
+                     start_over: bool = False, self_check: bool = True, max_shard_size: int | str | None = None) -> Path:
+        """:meth:`quantize_and_save` without loading a model to return (what the CLI runs)."""
+        exporters = export.check_formats(format, self._model, self.plan, output_dir)
+        if resume and not self.source_dir:
+            raise ConfigError("resume needs a model loaded from a directory (its checkpoint identifies the run)")
+        partial = export.PartialDir(output_dir, resume=resume, start_over=start_over)
+        checkpoint = None
+        resumable = lambda: checkpoint is not None and (partial.path / "resume" / "state.json").is_file()  # noqa: E731
+        with _guarded(partial, self._needed_bytes(exporters), resumable):
+            if self.source_dir:
+                checkpoint = self._checkpoint(partial, exporters)
+            self.source.materialize_outside(self._model, self.plan.block_names)
+            untie_output_embedding(self._model, self.plan)
+            sink = export.ExportSink(exporters, partial.path, self._model, self.plan, self.source_dir,
+                                     _shard_bytes(max_shard_size), checkpoint.sink_state if checkpoint else None)
+            if checkpoint is not None:
+                checkpoint.sink = sink
+            self.result = self._run(sink, checkpoint, keep_weights=_reads_weights(exporters))
+            if checkpoint is not None:
+                checkpoint.remove()
+            out = self._finish(sink, partial, exporters)
+        self._saved, self._loaded = (out, exporters), None
+        self._self_check(out, exporters, self_check)
+        return out
+
+    def _needed_bytes(self, exporters: list) -> int:
+        return sum(e.estimate_bytes(self._model, self.plan) for e in exporters)
+
+    def _checkpoint(self, partial: Any, exporters: list) -> Any:
+        from .resume import RunCheckpoint
+
+        ids = self.calibration_ids() if self.needs_calibration else None
+        return RunCheckpoint(partial.path / "resume", self._fingerprint(exporters, ids), resume=partial.resumed)
+
+    def _fingerprint(self, exporters: list, ids: torch.Tensor | None) -> dict[str, str]:
+        """What must not change between an interrupted run and its resumption, by name."""
+        from .resume import file_digest, tensor_digest
+
+        src = Path(self.source_dir)
+        shards = sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors"))
+        specs = sorted({s.label() for s in self.plan.quantized.values()})
+        return {
+            "model": f"{src} config {file_digest(src / 'config.json')} shards {shards}",
+            "scheme": f"{self.plan.default.label()}; layers {len(self.plan.quantized)} ({', '.join(specs)})",
+            "iters": str(self.cfg.iters),
+            "tuning": str(sorted(self._config_record().items())),
+            "data": tensor_digest(ids),
+            "seed": str(self.seed),
+            "formats": ",".join(e.name for e in exporters),
+        }
+
+    def _finish(self, sink: Any, partial: Any, exporters: list) -> Path:
+        """The entries outside the blocks, configs, tokenizer and report; then rename into place."""
+        assert self.result is not None
+        report = self._report([e.name for e in exporters])
+        dirs = sink.finish(self._model, self.result.qparams, self._config_record(), self.tokenizer)
+        for d, e in zip(dirs, exporters):
+            write_report(d, {**report, "format": e.name, "totals": self._totals(d)})
+        out = partial.commit()
         self._finish_summary(out)
         return out
 
-    def quantize_and_save(
-        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", **kwargs: Any
-    ) -> tuple[nn.Module, Path]:
-        """Check the output target, quantize, save; returns ``(model, output path)``.
+    def _self_check(self, out: Path, exporters: list, enabled: bool) -> None:
+        """Load each saved format back and compare logits with the quantized model's."""
+        from .report import read_report
+        from .selfcheck import check_saved
 
-        Formats written from QParams alone (all but fake) release the quantized layers' in-memory
-        weights while tuning; the model gets them back (dequantized from the saved codes) on its first
-        forward call or through ``ar.model``.
-        """
-        export.check_formats(format, self._model, self.plan, output_dir)
-        # formats written from QParams alone let tuned blocks release their weights as they go;
-        # restoring them here would put the peak memory right back, so they return when used:
-        # through ``ar.model`` or on the returned model's first forward call
-        self._quantize(keep_weights=_reads_weights(format))
-        out = self.save_quantized(output_dir, format, **kwargs)
-        if self.result is not None and self.result.released:
-            self._restore_on_forward()
-        return self._model, out
+        checks = []
+        for e in exporters:
+            d = out if len(exporters) == 1 else out / e.name.replace(":", "-")
+            if not enabled:
+                check = {"format": e.name, "status": "skipped", "reason": "--skip_self_check"}
+            elif self.result is None or self.result.probe_logits is None:
+                check = {"format": e.name, "status": "skipped", "reason": "no probe"}
+            else:
+                check = check_saved(d, e.name, self._probe, self.result.probe_logits)
+            path, report = read_report(d / REPORT_FILE)
+            report["self_check"] = [check]
+            write_report(d, report)
+            render_plot(report, d / PLOT_FILE)
+            checks.append(check)
+        failed = [c["format"] for c in checks if c["status"] == "failed"]
+        if failed:
+            raise SelfCheckFailed(
+                f"self-check failed for {', '.join(failed)}: the saved files, loaded back, do not compute what was "
+                f"quantized (details in {REPORT_FILE}; the output is kept at {out}). Please report this; "
+                "--skip_self_check skips the check"
+            )
 
-    def _restore_on_forward(self) -> None:
-        handle = None
+    def _returned_model(self, out: Path, exporters: list) -> nn.Module:
+        """The quantized model with real tensors: the in-memory one (released weights restored), or
+        for a streamed run the first format's files loaded back."""
+        if not self.source.streamed:
+            return self.model
+        from .selfcheck import load_saved
 
-        def restore(module: nn.Module, args: Any) -> None:
-            restore_weights(module, self.result)
-            handle.remove()
+        first = exporters[0]
+        d = out if len(exporters) == 1 else out / first.name.replace(":", "-")
+        if first.name in ("auto_round", "auto_gptq", "auto_awq", "llm_compressor"):
+            from .inference.loader import load_quantized
 
-        handle = self._model.register_forward_pre_hook(restore)
+            return load_quantized(str(d))
+        return load_saved(d, first.name)
 
-    def _log_files(self) -> dict[str, str]:
-        """Per-block losses (RTN, start, final) and settings, saved next to the model."""
-        if not self.result or not self.result.block_stats:
-            return {}
-        log = {"mode": self.cfg.mode, "settings": self._config_record(), "blocks": self.result.block_stats}
-        return {"quantization_log.json": json.dumps(log, indent=2) + "\n"}
-
+    # -- records ----------------------------------------------------------------------------------
     def _config_record(self) -> dict[str, Any]:
         c = self.cfg
         rec: dict[str, Any] = {"iters": c.iters}
@@ -225,6 +376,28 @@ class AutoRound:
             rec.update(lr=lr, minmax_lr=minmax_lr, enable_minmax_tuning=c.enable_minmax_tuning,
                        enable_quanted_input=c.enable_quanted_input)
         return rec
+
+    def _report(self, formats: list[str]) -> dict[str, Any]:
+        from . import __version__
+
+        assert self.result is not None
+        return {
+            "signround_version": __version__, "model": self.source_dir or type(self._model).__name__,
+            "mode": self.cfg.mode, "settings": self._config_record(), "formats": formats,
+            "streamed": self.source.streamed, "resumed_from_block": self.result.resumed_from,
+            "blocks": self.result.block_stats, "layers": layer_table(self._model, self.plan),
+        }
+
+    def _totals(self, directory: Path) -> dict[str, Any]:
+        ids = self._calib
+        return {
+            **bits_summary(self._model, self.plan),
+            "seconds": round(time.time() - self.start_time, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_gpu_bytes": peak_gpu_bytes(),
+            "calibration_tokens": int(ids.numel()) if ids is not None else 0,
+            "output_bytes": export.dir_size(directory),
+        }
 
     def _finish_summary(self, out: Path) -> None:
         self.summary = {
@@ -238,9 +411,53 @@ class AutoRound:
         logger.info("%s", format_summary(self.summary))
 
 
-def _reads_weights(formats: str | list[str]) -> bool:
+@contextlib.contextmanager
+def _guarded(partial: Any, needed_bytes: int, resumable: Any = lambda: False):
+    """Whatever ends a save early: a failed write (disk full, read-only, quota, permissions, I/O)
+    becomes one message and leaves nothing behind; a bad setting leaves nothing behind; an
+    interruption or crash keeps the finished blocks when they can be resumed."""
+    try:
+        yield
+    except BaseException as e:
+        keep = partial.resumed  # an earlier run's finished blocks are never thrown away by this one
+        if write_failure(e) is not None:
+            if not keep:
+                partial.discard()
+            raise write_error(e, partial.target, needed_bytes, kept=partial.path if keep else None) from e
+        if isinstance(e, SignRoundError) and not keep or not resumable() and not keep:
+            partial.discard()
+            raise
+        if isinstance(e, SignRoundError):
+            raise
+        logger.error("stopped; the finished blocks are kept in %s: run the same command with --resume to continue "
+                     "(or --start_over to discard them)", partial.path)
+        raise
+
+
+def _reject_unknown(kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise ConfigError(f"unknown option(s) {sorted(kwargs)} for saving; known: format, max_shard_size, "
+                          "self_check (and resume, start_over for quantize_and_save)")
+
+
+def _shard_bytes(size: int | str | None) -> int | None:
+    """``max_shard_size`` as save_pretrained takes it: bytes, or "5GB" / "500MB" / "2GiB"."""
+    if size is None or isinstance(size, int):
+        return size
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    text = str(size).strip().upper()
+    for unit, mult in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    raise ConfigError(f"max_shard_size {size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+
+
+def _reads_weights(exporters: list) -> bool:
     """Whether a format stores the in-memory weights of quantized layers (not just their QParams)."""
-    return any(getattr(e, "reads_weights", False) for e in export.get_exporters(formats))
+    return any(getattr(e, "reads_weights", False) for e in exporters)
 
 
 def _compute_device(model: nn.Module, device_map: Any) -> torch.device:
@@ -255,3 +472,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+__all__ = ["AutoRound", "SelfCheckFailed", "WeightSource", "ExportError"]

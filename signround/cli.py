@@ -3,6 +3,7 @@
     signround --model PATH --scheme W4A16 ... --format auto_round --output_dir OUT [--tasks ...]
     signround eval --model DIR --tasks ppl:wiki.txt,my_task [--limit N]
     signround list formats|schemes
+    signround report OUT_DIR
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,6 +84,15 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                         "q8_0, q2_k, q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k); comma-separated for several "
                         "(one subdirectory each)")
     p.add_argument("--output_dir", required=True, help="the model is written to exactly this directory")
+    p.add_argument("--max_shard_size", default=None, help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+    p.add_argument("--disable_low_cpu_mem_usage", action="store_true",
+                   help="load the whole model instead of streaming it block by block from its safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same --output_dir after its last finished block")
+    p.add_argument("--start_over", action="store_true",
+                   help="delete an interrupted run's files in --output_dir's location and start again")
+    p.add_argument("--skip_self_check", action="store_true",
+                   help="do not load the saved files back to compare their logits with the quantized model")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -99,6 +110,8 @@ def _add_eval_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--eval_seqlen", type=int, default=512, help="perplexity window length in tokens")
     g.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     g.add_argument("--eval_backend", default="auto", help="QuantLinear backend: auto, packed, torch, dequant_once, int4_cpu, int8_cpu")
+    g.add_argument("--eval_model_dtype", default=None,
+                   help="dtype to evaluate in (default: by device; float32 on CPUs without native bf16/fp16)")
     g.add_argument("--eval_json", default=None,
                    help="where to save results (default: eval_results.json in the output directory, or ./)")
 
@@ -117,7 +130,8 @@ def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks
     from .eval import evaluate, load_for_eval, parse_tasks, results_table, save_results
 
     tasks = tasks or parse_tasks(args.tasks, args.include_path)
-    model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code)
+    model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code,
+                               args.eval_model_dtype)
     results = evaluate(model, tok, tasks, batch_size=args.eval_bs, limit=args.limit, seqlen=args.eval_seqlen,
                        include_path=args.include_path)
     print(results_table(results))
@@ -185,14 +199,33 @@ def run_quantize(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        low_cpu_mem_usage=not args.disable_low_cpu_mem_usage,
         seed=args.seed,
     )
-    _, out = ar.quantize_and_save(args.output_dir, format=args.format)
+    out = ar.run_and_save(args.output_dir, format=args.format, resume=args.resume, start_over=args.start_over,
+                          self_check=not args.skip_self_check, max_shard_size=args.max_shard_size)
     if tasks:
         del ar  # free the tuning state before loading the saved model
-        model_dir = out if len(exporters) == 1 else out / exporters[0].name
+        # the last format written is evaluated, as upstream's guide says
+        model_dir = out if len(exporters) == 1 else out / exporters[-1].name.replace(":", "-")
         args.device = None
         return run_eval(args, str(model_dir), out / "eval_results.json", tasks)
+    return 0
+
+
+def run_report(argv: Sequence[str]) -> int:
+    """``signround report OUT_DIR``: the summary table of a run, and report.png beside report.json."""
+    from .report import PLOT_FILE, format_report, read_report, render_plot
+
+    p = argparse.ArgumentParser(prog="signround report", description="Show the report of a signround run.")
+    p.add_argument("output_dir", help="a directory signround saved (or its report.json)")
+    p.add_argument("--no_plot", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    path, report = read_report(args.output_dir)
+    print(format_report(report))
+    if not args.no_plot:
+        png = render_plot(report, path.parent / PLOT_FILE)
+        print(f"plot: {png}" if png else "plot: needs matplotlib (pip install 'signround[report]')")
     return 0
 
 
@@ -219,6 +252,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "list":
         return run_list(argv[1:])
+    if argv and argv[0] == "report":
+        try:
+            return run_report(argv[1:])
+        except SignRoundError as e:
+            print(f"signround: error: {e}", file=sys.stderr)
+            return 2
     evaluating = bool(argv) and argv[0] == "eval"
     args = build_eval_parser().parse_args(argv[1:]) if evaluating else build_parser(prog, recipe).parse_args(argv)
     logging.basicConfig(
@@ -226,6 +265,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    previous = _terminate_as_exception()
     try:
         if evaluating:
             return run_eval(args, args.model, Path("eval_results.json"))
@@ -233,6 +273,33 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
     except SignRoundError as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("signround: interrupted (SIGINT)", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("signround: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that cleanups run (like KeyboardInterrupt for SIGINT)."""
+
+
+def _terminate_as_exception():
+    """Turn SIGTERM into an exception for the duration of a command; returns the old handler
+    (None when this is not the main thread, where handlers cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def main_best() -> int:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import ConfigError, ModelError
 from .memory import drop_file_pages
+from .model.source import WeightSource
 from .model.layers import (
     find_block_names,
     get_module,
@@ -70,8 +71,10 @@ def build_plan(
     ignore_layers: str | Iterable[str] | None = None,
     quant_lm_head: bool = False,
     to_quant_block_names: str | Iterable[str] | None = None,
+    source: WeightSource | None = None,
 ) -> QuantPlan:
-    """Resolve every layer's spec and check the weights, before any expensive work."""
+    """Resolve every layer's spec and check the weights, before any expensive work (a streamed
+    model's weights are read from its checkpoint one tensor at a time for the check)."""
     blocks = find_block_names(model, to_quant_block_names)
     block_layers = {b: quantizable_layer_names(model, [b]) for b in blocks}
     names = [n for b in blocks for n in block_layers[b]]
@@ -102,6 +105,8 @@ def build_plan(
         # the check read a memory-mapped checkpoint's pages in; let them go until the layer's turn
         # (otherwise the whole model stays resident from here to the end: ~190 MB on SmolLM2-135M)
         drop_file_pages([w], still_used=set(), live=True)
+    if source is not None and source.streamed:
+        source.scan_finite([n for n, s in specs.items() if s.quantized])
     untie = bool(head and specs[head].quantized and tied_lm_head(model))
     if untie:
         logger.warning(
@@ -116,7 +121,7 @@ def build_plan(
 
 def untie_output_embedding(model: nn.Module, plan: QuantPlan) -> None:
     """Give lm_head its own copy of the weight so quantizing it leaves the embedding untouched."""
-    if not plan.untie_lm_head:
+    if not plan.untie_lm_head or not tied_lm_head(model):
         return
     head = get_module(model, plan.lm_head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)

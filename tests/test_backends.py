@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from signround.export.packing import PACKINGS, pack_layer
-from signround.inference.backends import BACKENDS, assign, candidates, choose
+from signround.inference.backends import BACKENDS, candidates, choose
 from signround.inference.qlinear import QuantLinear
+from signround.inference.qlinear import assign_backends as assign
 from signround.qdq import qdq
 from signround.schemes import QuantSpec
 
@@ -123,3 +124,19 @@ def test_assign_counts_and_state_follows_dtype():
     y16 = model(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y32).abs().max() <= 2e-2 * y32.abs().max()  # bf16 rounding, not a wrong weight
+
+
+def test_backend_table_does_not_import_the_module_class():
+    """The table and the kernels are written against the PackedLayer protocol; none of them imports
+    the QuantLinear module (at the top or inside a function): no import circle in inference/."""
+    import ast
+    from pathlib import Path
+
+    import signround.inference as inf
+
+    root = Path(inf.__file__).parent
+    for mod in ("backends.py", "triton_kernel.py", "packed.py"):
+        tree = ast.parse((root / mod).read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m.endswith(("qlinear", "loader"))}, (mod, imported)

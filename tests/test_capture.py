@@ -88,7 +88,7 @@ def test_capture_falls_back_to_full_forward_and_restores_blocks():
     toy = _Toy()
     names = [f"blocks.{i}" for i in range(3)]
     ids = torch.randint(0, 16, (4, 5))
-    x, kw = capture_block_inputs(toy, names, ids, 2)
+    x, kw, _ = capture_block_inputs(toy, names, ids, 2)
     assert torch.equal(x, toy.emb(ids).detach())
     assert [float(kw[n]["scale"]) for n in names] == [1.0, 2.0, 3.0]
     assert all("forward" not in toy.get_submodule(n).__dict__ for n in names)

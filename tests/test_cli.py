@@ -103,20 +103,45 @@ def test_unwritable_output_dir_rejected(stories_dir, tmp_path, capsys):
     assert rc == 2 and "cannot write" in capsys.readouterr().err
 
 
-def test_failed_save_leaves_nothing(stories_dir, tmp_path, monkeypatch):
-    from signround import AutoRound, export
-    from signround.errors import ExportError
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MB tmpfs (real ENOSPC from every writer); skipped where mounting is not allowed."""
+    import subprocess
 
-    ar = AutoRound(str(stories_dir), iters=0, disable_opt_rtn=True)
-    ar.quantize()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
-    def full_disk(*a, **k):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "write_config", full_disk)
-    with pytest.raises(ExportError, match="disk full"):
-        ar.save_quantized(tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("fmt", ["auto_round", "fake", "auto_round,auto_gptq"])
+def test_disk_filling_up_during_the_save_leaves_nothing(stories_dir, small_fs, monkeypatch, capsys, fmt):
+    """The disk fills up after the up-front space check passed: whichever writer hits it
+    (safetensors shards, config, tokenizer), one message, exit code 2, nothing left behind."""
+    from signround import export
+
+    real = export.check_formats
+
+    def then_fill(*a, **k):
+        out = real(*a, **k)
+        with open(small_fs / "filler", "wb") as f:  # another process taking the space
+            try:
+                f.write(b"\0" * (2 * 2**20))
+            except OSError:
+                pass
+        return out
+
+    monkeypatch.setattr(export, "check_formats", then_fill)
+    rc = main(["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--format", fmt,
+               "--output_dir", str(small_fs / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "the disk is full" in err and str(small_fs / "out") in err and "nothing was left behind" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
 
 
 def test_list_formats_and_schemes(capsys):

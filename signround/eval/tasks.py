@@ -126,25 +126,33 @@ def save_results(results: dict[str, dict[str, Any]], path: str | Path, model_pat
 
 
 def load_for_eval(
-    path: str, device: str | None = None, backend: str = "auto", trust_remote_code: bool = False
+    path: str, device: str | None = None, backend: str = "auto", trust_remote_code: bool = False,
+    dtype: Any = None,
 ) -> tuple[nn.Module, Any]:
-    """Any local model directory: quantized ones (auto-round, GPTQ, AWQ) through ``load_quantized``,
-    others (fp, or our ``fake`` format) through transformers. Returns (model, tokenizer)."""
+    """Any local model directory: quantized ones (auto-round, GPTQ, AWQ, compressed-tensors) through
+    ``load_quantized``, others (fp, or our ``fake`` format) through transformers. Returns (model, tokenizer).
+
+    ``dtype`` None or "auto": chosen by device (float32 on CPUs without native half precision, see
+    :func:`signround.devices.default_compute_dtype`)."""
     import torch
     from transformers import AutoTokenizer
 
+    from ..devices import resolve_compute_dtype
     from ..inference.loader import QUANT_METHODS, load_quantized
-    from ..model.loading import check_model_path, load_model_and_tokenizer
+    from ..model.loading import check_model_path, load_model_and_tokenizer, parse_dtype
 
     p = check_model_path(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    requested = parse_dtype(dtype)
+    requested = None if requested == "auto" else requested
     qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
     if qc.get("quant_method") in QUANT_METHODS:
-        model = load_quantized(str(p), device=device, backend=backend)
+        model = load_quantized(str(p), device=device, backend=backend, dtype=requested)
         tokenizer = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     else:
-        model, tokenizer, _ = load_model_and_tokenizer(str(p), dtype="auto", trust_remote_code=trust_remote_code)
-        model = model.to(device)
+        model, tokenizer, _, _ = load_model_and_tokenizer(str(p), dtype="auto", trust_remote_code=trust_remote_code)
+        stored = next(model.parameters()).dtype
+        model = model.to(device=device, dtype=resolve_compute_dtype(device, stored, requested))
     if tokenizer is None:
         raise ConfigError(f"{p} has no tokenizer files; evaluation needs the tokenizer saved with the model")
     return model, tokenizer

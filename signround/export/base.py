@@ -8,11 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..model.layers import get_module, get_weight
 from ..plan import QuantPlan
 from ..qdq import QParams
 from .packing import pack_layer
-from .writer import unique_state_dict
 
 
 def packed_size_estimate(model: nn.Module, plan: QuantPlan) -> int:
@@ -55,16 +53,25 @@ class PackedExporter:
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
         return packed_size_estimate(model, plan)
 
-    def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
-        packing = self.packing(plan)
-        for name, t in unique_state_dict(model, qparams):
-            layer, _, leaf = name.rpartition(".")
-            if layer in qparams and leaf == "weight":
-                qp = qparams[layer]
-                if tuple(qp.shape) != tuple(get_weight(get_module(model, layer)).shape):
-                    raise ExportError(f"QParams of {layer} do not match its weight shape")
-                packed = {**pack_layer(qp, packing), **self.extra_layer_tensors(qp)}
-                for key, value in packed.items():
-                    yield f"{layer}.{key}", value
-            else:
-                yield name, t
+    def convert(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The output tensors for one state-dict entry: a quantized layer's weight becomes its
+        packed tensors, everything else passes through."""
+        layer, _, leaf = name.rpartition(".")
+        if leaf == "weight" and layer in plan.quantized:
+            qp = quantized_params(qparams, layer, t)
+            packed = {**pack_layer(qp, self.packing(plan)), **self.extra_layer_tensors(qp)}
+            for key, value in packed.items():
+                yield f"{layer}.{key}", value
+        else:
+            yield name, t
+
+
+def quantized_params(qparams: dict[str, QParams], layer: str, weight: torch.Tensor) -> QParams:
+    """The QParams of ``layer``, checked against its weight's shape ([out, in], or Conv1D's [in, out])."""
+    qp = qparams.get(layer)
+    if qp is None:
+        raise ExportError(f"no quantization parameters for {layer}; it was not quantized in this run")
+    if tuple(qp.shape) not in (tuple(weight.shape), tuple(weight.shape)[::-1]):
+        raise ExportError(f"QParams of {layer} {tuple(qp.shape)} do not match its weight shape {tuple(weight.shape)}")
+    return qp

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..plan import QuantPlan
 from ..qdq import QParams
-from .writer import unique_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -34,5 +33,6 @@ class FakeExporter:
     def quantization_config(self, plan: QuantPlan, extra: dict[str, Any], model: nn.Module | None = None) -> None:
         return None
 
-    def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from unique_state_dict(model)
+    def convert(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        yield name, t

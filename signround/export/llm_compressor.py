@@ -25,9 +25,8 @@ from ..qdq import QParams
 from ..qdq.elements import E2M1_MAX, E4M3_MAX
 from ..qdq.fp import E8M0_BIAS
 from ..schemes import QuantSpec
-from .base import packed_size_estimate
+from .base import packed_size_estimate, quantized_params
 from .packing import pack_cols, pack_rows
-from .writer import unique_state_dict
 
 CT_FORMAT = {"int": "pack-quantized", "nv_fp": "nvfp4-pack-quantized", "fp": "float-quantized"}
 
@@ -171,14 +170,12 @@ class LLMCompressorExporter:
             "kv_cache_scheme": None,
         }
 
-    def tensors(self, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in unique_state_dict(model, qparams):
-            layer, _, leaf = name.rpartition(".")
-            if layer in qparams and leaf == "weight":
-                qp = qparams[layer]
-                if tuple(qp.shape) != tuple(get_weight(get_module(model, layer)).shape):
-                    raise ExportError(f"QParams of {layer} do not match its weight shape")
-                for key, value in layer_tensors(qp, plan.specs[layer], t.dtype).items():
-                    yield f"{layer}.{key}", value
-            else:
-                yield name, t
+    def convert(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        layer, _, leaf = name.rpartition(".")
+        if leaf == "weight" and layer in plan.quantized:
+            qp = quantized_params(qparams, layer, t)
+            for key, value in layer_tensors(qp, plan.specs[layer], t.dtype).items():
+                yield f"{layer}.{key}", value
+        else:
+            yield name, t

@@ -1,4 +1,4 @@
-"""Atomic checkpoint writing: tensors in safetensors shards, config, generation config, tokenizer.
+"""Atomic checkpoint writing: the hidden partial directory, config, generation config, tokenizer.
 
 Everything is written into a hidden temporary directory beside the target and renamed into place
 only when complete, so an interrupted or failed save never leaves a directory that looks finished.
@@ -13,16 +13,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import ExportError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Files a tokenizer may need that save_pretrained does not always regenerate.
 _TOKENIZER_FILES = ("tokenizer.model", "chat_template.jinja", "chat_template.json")
 
@@ -52,93 +50,68 @@ def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> Pa
     return out
 
 
-class AtomicDir:
-    """Context manager yielding a temporary directory that becomes ``target`` on success."""
+PARTIAL_SUFFIX = ".signround-partial"
 
-    def __init__(self, target: str | os.PathLike):
+
+def partial_path(target: Path) -> Path:
+    """The hidden directory a save into ``target`` is written in (fixed, so a resumed run finds it)."""
+    return target.parent / f".{target.name}{PARTIAL_SUFFIX}"
+
+
+def stale_partials(target: Path) -> list[Path]:
+    """Hidden directories an interrupted save into ``target`` left (this version's and older ones)."""
+    if not target.parent.is_dir():
+        return []
+    found = [p for p in target.parent.glob(f".{target.name}.partial-*") if p.is_dir()]
+    p = partial_path(target)
+    return ([p] if p.is_dir() else []) + found
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp-style private permissions (safetensors, tempfile) -> what save_pretrained gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(base, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o666 & ~umask)
+
+
+class PartialDir:
+    """The hidden directory beside ``target`` that a save is written into; :meth:`commit` renames
+    it into place once everything is there, so nothing that looks like a finished model exists
+    before the end. An existing one (an interrupted run) is reused with ``resume``, removed with
+    ``start_over``, and otherwise refused with both options named."""
+
+    def __init__(self, target: str | os.PathLike, resume: bool = False, start_over: bool = False):
         self.target = check_output_dir(target)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
+        self.path = partial_path(self.target)
+        stale = stale_partials(self.target)
+        if stale and start_over:
+            for p in stale:
+                shutil.rmtree(p, ignore_errors=True)
+            logger.info("removed the unfinished run(s) at %s", ", ".join(map(str, stale)))
+        elif stale and not (resume and stale == [self.path]):
+            raise ExportError(
+                f"an unfinished run into {self.target} left {stale[0]}; add --resume to continue it (same "
+                "command), or --start_over to delete it and start again"
+            )
+        self.resumed = self.path.is_dir()
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        return self.tmp
+        self.path.mkdir(exist_ok=True)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ExportError(
-                    f"disk full while writing {self.target}; nothing was left behind. Free space or "
-                    "choose another --output_dir"
-                ) from exc
-            return False
-        # mkdtemp (and safetensors) create private files; give them the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
-        for root, dirs, files in os.walk(self.tmp):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o777 & ~umask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~umask)
+    def commit(self) -> Path:
+        """Rename into place (state the output must not hold, e.g. resume files, removed first)."""
+        _usual_permissions(self.path)
         if self.target.exists():
-            self.target.rmdir()  # empty, checked above
-        os.rename(self.tmp, self.target)
-        return False
+            self.target.rmdir()  # empty, checked when the save started
+        os.rename(self.path, self.target)
+        return self.target
 
-
-def _shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def write_safetensors(
-    out: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-) -> int:
-    """Write tensors into shards of at most ``max_shard_bytes`` (plus an index when several). Returns bytes."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    total = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t.detach().to("cpu").contiguous()
-        sizes[-1] += nbytes
-        total += nbytes
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = _shard_name(i, n)
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return total
-
-
-def unique_state_dict(model: torch.nn.Module, from_qparams: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-    """The state dict without the second name of tied tensors (safetensors refuses shared storage).
-
-    ``from_qparams``: layers the caller writes from their QParams, whose weights may have been
-    released after tuning (meta tensors, passed through unread).
-    """
-    seen: set[tuple[int, int, tuple]] = set()
-    for name, t in model.state_dict().items():
-        if t.is_meta:
-            layer, _, leaf = name.rpartition(".")
-            if leaf == "weight" and layer in from_qparams:
-                yield name, t
-                continue
-            raise ExportError(f"{name} is still on the meta device; load the model fully before saving")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        yield name, t
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def write_config(out: Path, model: torch.nn.Module, quantization_config: dict[str, Any] | None) -> None:
@@ -163,3 +136,58 @@ def write_tokenizer(out: Path, tokenizer: Any, source_dir: str | None) -> None:
             src = Path(source_dir) / fname
             if src.is_file() and not (out / fname).exists():
                 shutil.copy2(src, out / fname)
+
+
+def canonical_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of every parameter and persistent buffer, in module order, tied
+    tensors once under their first name (safetensors refuses shared storage). Identity, not
+    storage, decides ties, so meta tensors (streamed or released weights) are handled alike."""
+    seen: set[int] = set()
+    out = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        persistent = [(n, b) for n, b in mod._buffers.items() if b is not None and n not in mod._non_persistent_buffers_set]
+        for leaf, t in [*((n, p) for n, p in mod._parameters.items() if p is not None), *persistent]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            out.append((f"{mod_name}.{leaf}" if mod_name else leaf, t))
+    return out
+
+
+# errno -> what to tell the user; the writers of safetensors and tokenizers raise their own
+# exception types with the OS message in the text, so those are recognized by the message too
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", ("No space left on device", "os error 28")),
+    errno.EDQUOT: ("the disk quota is exceeded", ("Disk quota exceeded", "os error 122")),
+    errno.EROFS: ("the file system is read-only", ("Read-only file system", "os error 30")),
+    errno.EACCES: ("permission was denied", ("Permission denied", "os error 13")),
+    errno.EIO: ("the disk reported an I/O error", ("Input/output error", "os error 5")),
+}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What went wrong when ``exc`` (from any writer: safetensors, tokenizers, gguf, json) is a
+    failed write to disk; None otherwise."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
+        return _WRITE_ERRORS[exc.errno][0]
+    text = str(exc)
+    for what, needles in _WRITE_ERRORS.values():
+        if any(n in text for n in needles):
+            return what
+    return None
+
+
+def write_error(exc: BaseException, target: Path, needed_bytes: int, kept: Path | None = None) -> ExportError:
+    """One message for a failed write: where, why, how much space the output needs (and, for a
+    resumed run, where its finished blocks are kept)."""
+    what = write_failure(exc) or str(exc)
+    anchor = target.parent if target.parent.exists() else target
+    try:
+        free = f"{shutil.disk_usage(anchor).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    left = (f"the finished blocks are kept in {kept}: free space and run the same command with --resume"
+            if kept else "nothing was left behind. Free space or choose another --output_dir")
+    return ExportError(
+        f"writing {target} failed: {what}. The output needs about {needed_bytes / 1e9:.2f} GB ({free} there); {left}"
+    )

@@ -9,17 +9,14 @@ kept). ``backend="auto"`` picks, per layer, the highest-priority backend that su
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import triton_kernel
-
-if TYPE_CHECKING:
-    from .qlinear import QuantLinear
+from .packed import PackedLayer
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +29,13 @@ class Backend:
     priority: int
     memory: str  # "packed" | "float"
     description: str
-    supports: Callable[["QuantLinear"], bool]
-    prepare: Callable[["QuantLinear", torch.device, torch.dtype], dict]
-    compute: Callable[["QuantLinear", dict, torch.Tensor], torch.Tensor]
+    supports: Callable[[PackedLayer], bool]
+    prepare: Callable[[PackedLayer, torch.device, torch.dtype], dict]
+    compute: Callable[[PackedLayer, dict, torch.Tensor], torch.Tensor]
     requires: Callable[[], str | None] = lambda: None  # None, or what to install
 
 
-def _bias(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor | None:
+def _bias(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.to(x.dtype)
 
 
@@ -137,7 +134,7 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def candidates(layer: "QuantLinear", device: torch.device | str) -> list[Backend]:
+def candidates(layer: PackedLayer, device: torch.device | str) -> list[Backend]:
     """Backends that can run this layer on this device, best first."""
     dev = torch.device(device).type
     ok = [b for b in BACKENDS.values()
@@ -145,7 +142,7 @@ def candidates(layer: "QuantLinear", device: torch.device | str) -> list[Backend
     return sorted(ok, key=lambda b: -b.priority)
 
 
-def choose(layer: "QuantLinear", device: torch.device | str, wanted: str = "auto") -> Backend:
+def choose(layer: PackedLayer, device: torch.device | str, wanted: str = "auto") -> Backend:
     """``wanted``: "auto", a backend name, or "packed" (the best backend keeping weights packed)."""
     if wanted not in ("auto", "packed") and wanted not in BACKENDS:
         raise ValueError(f"unknown backend {wanted!r}; choose auto, packed or one of {', '.join(BACKENDS)}")
@@ -161,28 +158,3 @@ def choose(layer: "QuantLinear", device: torch.device | str, wanted: str = "auto
         raise ValueError(f"backend {wanted!r} cannot run {layer.extra_repr()} on {torch.device(device).type}: {why}; "
                          f"use backend='auto'")
     return b
-
-
-def assign(model: torch.nn.Module, device: torch.device | str, wanted: str = "auto") -> Counter:
-    """Pick a backend for every QuantLinear in ``model``; logs one line with the counts."""
-    from .qlinear import QuantLinear
-
-    counts: Counter = Counter()
-    dev = torch.device(device).type
-    # backends for this device whose package is absent -> what to install (checked once, not per layer)
-    absent = {b.name: need for b in BACKENDS.values() if dev in b.devices and (need := b.requires()) is not None}
-    missing: dict[str, str] = {}  # those that would have beaten a chosen backend
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            chosen = choose(m, device, wanted)
-            m.set_backend(chosen)
-            counts[m.backend] += 1
-            for name, need in absent.items():
-                b = BACKENDS[name]
-                if b.priority > chosen.priority and m.bits in b.bits:
-                    missing[name] = need
-    if counts:
-        hint = "".join(f"; backend {n} needs {need}" for n, need in missing.items())
-        logger.info("QuantLinear backends on %s: %s%s", dev, ", ".join(f"{n} x{c}" for n, c in counts.most_common()),
-                    hint)
-    return counts

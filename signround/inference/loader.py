@@ -13,14 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ..devices import resolve_compute_dtype
 from ..errors import ModelError
 from ..export.packing import PACKINGS
 from ..model.layers import QUANTIZABLE_TYPES, in_out_features, set_module
-from ..model.loading import check_model_path
+from ..model.loading import check_model_path, parse_dtype
 from ..schemes import QuantSpec
 from .backends import BACKENDS
-from .backends import assign as assign_backends
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, assign_backends
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +99,19 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 
-def _empty_model(p: Path, dtype: torch.dtype | str | None) -> tuple[nn.Module, torch.dtype]:
-    """The architecture of ``p`` with weights on the meta device, and the dtype it will hold."""
+def _empty_model(p: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module, torch.dtype]:
+    """The architecture of ``p`` with weights on the meta device, and the dtype it will compute in
+    (``dtype``, or chosen for ``device``: see :func:`signround.devices.default_compute_dtype`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(p))
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    stored = getattr(config, "dtype", None) or torch.float32
+    if isinstance(stored, str):
+        stored = getattr(torch, stored)
+    dtype = resolve_compute_dtype(device, stored, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, dtype
@@ -127,7 +129,7 @@ def _finish(model: nn.Module, p: Path, qc: dict[str, Any], device) -> nn.Module:
 def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], device, dtype) -> nn.Module:
     from .compressed import load_compressed
 
-    model, dtype = _empty_model(p, dtype)
+    model, dtype = _empty_model(p, dtype, device)
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update(load_file(str(shard)))
@@ -148,7 +150,12 @@ def load_quantized(
     Quantized layers become :class:`QuantLinear` modules holding the packed tensors. ``backend``:
     ``auto`` picks per layer the best backend for the device (see ``signround.inference.backends``),
     ``packed`` the best one that keeps weights packed (memory-saving), or a backend by name.
+    ``dtype`` None: the checkpoint's dtype on GPUs; on CPUs float32 unless the CPU computes the
+    checkpoint's half precision natively (see :func:`signround.devices.default_compute_dtype`).
     """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+        dtype = None if dtype == "auto" else dtype
     if backend not in ("auto", "packed", *BACKENDS):
         raise ModelError(f"unknown backend {backend!r}; choose auto, packed or one of {', '.join(BACKENDS)}")
     p = check_model_path(path)
@@ -159,7 +166,7 @@ def load_quantized(
     packing, default = _format_of(qc, p)
     keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
     quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
-    model, dtype = _empty_model(p, dtype)
+    model, dtype = _empty_model(p, dtype, device)
 
     specs = _layer_specs(qc, default, quantized)
     modules = dict(model.named_modules())

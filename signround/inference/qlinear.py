@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 
 import torch
 from torch import nn
 
-from ..export.packing import PACKINGS
-from ..export.packing import packed_len, unpack_awq, unpack_cols, unpack_rows
+from ..export.packing import PACKINGS, packed_len, unpack_awq, unpack_cols, unpack_rows
 from ..qdq.common import effective_group_size
+from .backends import BACKENDS, Backend, choose
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,8 @@ class QuantLinear(nn.Module):
         self._state: dict = {}
         self._state_key: tuple | None = None
 
-    def set_backend(self, backend) -> None:
+    def set_backend(self, backend: str | Backend) -> None:
         """Use this backend (a name or a backends.Backend); prepared state is rebuilt lazily."""
-        from .backends import BACKENDS
-
         self._impl = BACKENDS[backend] if isinstance(backend, str) else backend
         self.backend = self._impl.name
         self._state, self._state_key = {}, None
@@ -87,8 +86,6 @@ class QuantLinear(nn.Module):
         return w.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .backends import BACKENDS, choose
-
         impl = self._impl or BACKENDS[self.backend]
         if x.device.type not in impl.devices:  # moved to a device this backend does not run on
             new = choose(self, x.device)
@@ -105,3 +102,26 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, packing={self.packing}"
         )
+
+
+def assign_backends(model: nn.Module, device: torch.device | str, wanted: str = "auto") -> Counter:
+    """Pick a backend for every QuantLinear in ``model``; logs one line with the counts."""
+    counts: Counter = Counter()
+    dev = torch.device(device).type
+    # backends for this device whose package is absent -> what to install (checked once, not per layer)
+    absent = {b.name: need for b in BACKENDS.values() if dev in b.devices and (need := b.requires()) is not None}
+    missing: dict[str, str] = {}  # those that would have beaten a chosen backend
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            chosen = choose(m, device, wanted)
+            m.set_backend(chosen)
+            counts[m.backend] += 1
+            for name, need in absent.items():
+                b = BACKENDS[name]
+                if b.priority > chosen.priority and m.bits in b.bits:
+                    missing[name] = need
+    if counts:
+        hint = "".join(f"; backend {n} needs {need}" for n, need in missing.items())
+        logger.info("QuantLinear backends on %s: %s%s", dev, ", ".join(f"{n} x{c}" for n, c in counts.most_common()),
+                    hint)
+    return counts

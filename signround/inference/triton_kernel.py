@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..export.packing import pack_rows
-
-if TYPE_CHECKING:
-    from .qlinear import QuantLinear
+from .packed import PackedLayer
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # tl.dot needs >= 16 in every dimension
 
@@ -74,7 +70,7 @@ def _kernel(interpret: bool):
     return triton.jit(_qmatmul)
 
 
-def prepare(layer: "QuantLinear", device: torch.device, dtype: torch.dtype) -> dict:
+def prepare(layer: PackedLayer, device: torch.device, dtype: torch.dtype) -> dict:
     """Codes repacked along the input dimension; scales and zero*scale in fp32 (the kernel
     dequantizes in fp32 and casts to the input dtype for the dot)."""
     codes, zeros = layer.unpack()  # [in, out], [groups, out]
@@ -86,7 +82,7 @@ def prepare(layer: "QuantLinear", device: torch.device, dtype: torch.dtype) -> d
     }
 
 
-def matmul(layer: "QuantLinear", state: dict, x: torch.Tensor) -> torch.Tensor:
+def matmul(layer: PackedLayer, state: dict, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, n = x2.shape[0], layer.out_features

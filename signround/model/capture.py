@@ -11,7 +11,7 @@ single-sample arguments broadcast over any batch.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -58,6 +58,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device
 
 
+class Captured(NamedTuple):
+    hidden: torch.Tensor  # what enters block 0, float32 [N, L, H]
+    kwargs: dict[str, dict[str, Any]]  # each block's other arguments
+    output_len: int | None  # blocks return a tensor (None) or a tuple of this length
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -65,8 +71,9 @@ def capture_block_inputs(
     input_ids: torch.Tensor,
     batch_size: int,
     store_device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
-    """Return (hidden states entering block 0 as float32 ``[N, L, H]``, per-block keyword arguments)."""
+) -> Captured:
+    """Hidden states entering block 0 as float32 ``[N, L, H]``, per-block keyword arguments, and
+    the shape of a block's output (needed to run the model's tail from stored hidden states)."""
     device = _model_device(model)
     first = get_module(model, block_names[0])
     chunks: list[torch.Tensor] = []
@@ -85,7 +92,14 @@ def capture_block_inputs(
     finally:
         handle.remove()
 
-    return torch.cat(chunks), _block_kwargs(model, block_names, input_ids[:1].to(device), store_device)
+    out_len: list[int | None] = []
+    handle = first.register_forward_hook(
+        lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
+    try:
+        kwargs = _block_kwargs(model, block_names, input_ids[:1].to(device), store_device)
+    finally:
+        handle.remove()
+    return Captured(torch.cat(chunks), kwargs, out_len[0] if out_len else None)
 
 
 def _block_kwargs(
@@ -185,3 +199,60 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> 
     kw = dict(kwargs)
     out = block(x, *kw.pop(POSITIONAL, ()), **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def inputs_after_blocks(
+    model: nn.Module,
+    block_names: list[str],
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    target: nn.Module,
+    output_len: int | None,
+    batch_size: int,
+    store_device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """What ``target`` (a module after the blocks, e.g. lm_head) receives when the last block's
+    outputs are ``hidden``: the model's own forward runs with the first block returning ``hidden``
+    and the others passing it on, so the final norm and whatever else the architecture does after
+    its block loop are applied, without running (or loading) any block. ``input_ids`` only give
+    the embedding pass its shape. Returns float32 inputs of ``target``."""
+    chunks: list[torch.Tensor] = []
+    current: list[torch.Tensor] = []
+
+    def stop(_m, args):
+        chunks.append(args[0].detach().to(store_device, torch.float32))
+        raise _StopForward
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        h = current[0].to(_hidden_from(args, kwargs).dtype)
+        return h if output_len is None else (h, *([None] * (output_len - 1)))
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = _hidden_from(args, kwargs)
+        return h if output_len is None else (h, *([None] * (output_len - 1)))
+
+    device = _model_device(model)
+    patched = []
+    for i, name in enumerate(block_names):
+        block = get_module(model, name)
+        patched.append((block, block.__dict__.get("forward")))
+        block.forward = first if i == 0 else passthrough
+    handle = target.register_forward_pre_hook(stop)
+    try:
+        for i in range(0, hidden.shape[0], batch_size):
+            current[:] = [hidden[i : i + batch_size].to(device)]
+            try:
+                model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+    if len(chunks) != -(-hidden.shape[0] // batch_size):
+        raise RuntimeError(f"{type(target).__name__} was not reached by the model's forward after its blocks")
+    return torch.cat(chunks)

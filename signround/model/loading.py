@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .source import InMemorySource, SafetensorsSource, StreamingUnsupported, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -52,31 +53,104 @@ def load_model_and_tokenizer(
     device_map: str | dict | None = None,
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
-) -> tuple[nn.Module, Any, str | None]:
-    """Return (model, tokenizer, source directory or None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    low_cpu_mem_usage: bool = False,
+) -> tuple[nn.Module, Any, str | None, WeightSource]:
+    """Return (model, tokenizer, source directory or None, weight source).
 
+    ``low_cpu_mem_usage``: build the model on the meta device and stream its tensors from the
+    safetensors shards block by block (falls back to a whole load, logged, when the checkpoint's
+    names need transformers' own conversion or a device map spreads the model).
+    """
     if isinstance(model, nn.Module):
         src = getattr(getattr(model, "config", None), "_name_or_path", None)
-        return model, tokenizer, src if src and os.path.isdir(src) else None
+        return model, tokenizer, src if src and os.path.isdir(src) else None, InMemorySource()
     if not isinstance(model, (str, os.PathLike)):
         raise ModelError(f"model must be a path or a torch module, got {type(model).__name__}")
     path = check_model_path(str(model))
+    source: WeightSource = InMemorySource()
+    loaded = None
+    if low_cpu_mem_usage and (device_map is None or _single_device(device_map)):
+        loaded, source = _skeleton(path, dtype, trust_remote_code)
+    if loaded is None:
+        loaded = _whole(path, dtype, device_map, trust_remote_code)
+    loaded.eval()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    return loaded, tokenizer, str(path), source
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # a model without tokenizer files is still quantizable
+        logger.warning("no tokenizer loaded from %s (%s); it will not be saved with the model", path, e)
+        return None
+
+
+def _single_device(device_map: Any) -> bool:
+    return isinstance(device_map, (str, int, torch.device)) and str(device_map) != "auto"
+
+
+def _whole(path: Path, dtype: Any, device_map: Any, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}
     if device_map not in (None, "cpu"):
         kwargs["device_map"] = device_map
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"{path} needs custom code; pass --trust_remote_code if you trust its author") from e
         raise ModelError(f"transformers could not load {path}: {e}") from e
-    loaded.eval()
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        except Exception as e:  # a model without tokenizer files is still quantizable
-            logger.warning("no tokenizer loaded from %s (%s); it will not be saved with the model", path, e)
-            tokenizer = None
-    return loaded, tokenizer, str(path)
+
+
+def skeleton_dtype(config: Any, path: Path, dtype: Any) -> torch.dtype:
+    """The dtype from_pretrained(dtype=...) would give the weights: the requested one, or for
+    "auto" the config's, else the checkpoint's first floating-point tensor's."""
+    want = parse_dtype(dtype)
+    if want != "auto":
+        return want
+    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = getattr(torch, cfg, None)
+    if isinstance(cfg, torch.dtype):
+        return cfg
+    from .source import checkpoint_index
+
+    st = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for _, (_, entry) in checkpoint_index(path).items():
+        if entry["dtype"] in st:
+            return st[entry["dtype"]]
+    return torch.float32
+
+
+def _skeleton(path: Path, dtype: Any, trust_remote_code: bool) -> tuple[nn.Module | None, WeightSource]:
+    """The model on the meta device with a streaming source, or (None, in-memory) when the
+    checkpoint does not map one to one onto it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=skeleton_dtype(config, path, dtype), trust_remote_code=trust_remote_code
+            )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{path} needs custom code; pass --trust_remote_code if you trust its author") from e
+        raise ModelError(f"transformers could not build the model of {path}: {e}") from e
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        source = SafetensorsSource(path, model)
+    except StreamingUnsupported as e:
+        logger.info("loading %s whole: its checkpoint does not map one to one onto the model (%s)", path, e)
+        return None, InMemorySource()
+    model.config._name_or_path = str(path)
+    logger.info("streaming weights block by block from %s (--disable_low_cpu_mem_usage loads the whole model)", path)
+    return model, source

@@ -3,28 +3,36 @@
 For each block: fp targets = block(fp inputs); quantize its layers (RTN, optimized RTN or
 SignRound on quantized inputs); the tuned block's outputs on quantized inputs feed the next block
 (the quantized chain), the fp outputs are the next block's fp inputs.
+
+The loop asks its :class:`~signround.model.source.WeightSource` for each block's tensors and gives
+them back when the block is done, hands the finished block to a sink (the exporters, which write
+its packed tensors at once), and records after each block what a resumed run needs. A small probe
+batch rides along the quantized chain so the saved files can be checked against what was tuned.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.capture import _StopForward, block_forward, capture_block_inputs, cast_kwargs
-from ..model.layers import Conv1D, get_module, get_weight
-from ..plan import QuantPlan, untie_output_embedding
+from ..devices import cpu_has_native_bf16
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
+from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, inputs_after_blocks
+from ..model.layers import Conv1D, get_module, get_weight
+from ..model.source import InMemorySource, WeightSource
+from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
 from .config import TuneConfig
+from .estimate import log_estimate, time_sample_forward
 from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, rtn_layer, search_clip
 from .signround import UnitResult, tune_unit
 
@@ -33,12 +41,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuantResult:
-    """What export needs: QParams of every quantized layer, plus per-unit statistics."""
+    """What export needs: QParams of quantized layers, plus per-unit statistics."""
 
     qparams: dict[str, QParams] = field(default_factory=dict)
     block_stats: dict[str, dict] = field(default_factory=dict)
     # layers whose in-memory weight was released after tuning (meta now), and its device
     released: dict[str, torch.device] = field(default_factory=dict)
+    probe_logits: torch.Tensor | None = None  # the quantized model's logits on the probe batch
+    resumed_from: int = 0  # blocks already done by an interrupted run
+
+
+class BlockSink(Protocol):
+    """Receives each finished block (its tuned weights still in place) with its layers' QParams."""
+
+    def block(self, model: nn.Module, block_name: str, qparams: dict[str, QParams]) -> None: ...
+
+
+@dataclass
+class ResumePoint:
+    blocks_done: int
+    x_fp: torch.Tensor | None
+    x_q: torch.Tensor | None
+    probe: torch.Tensor | None
+    generator_state: torch.Tensor
+    block_stats: dict[str, dict]
+
+
+class Checkpointer(Protocol):
+    def resume_point(self) -> ResumePoint | None: ...
+
+    def save(self, point: ResumePoint) -> None: ...
 
 
 def release_weights(model: nn.Module, names: list[str], result: QuantResult) -> None:
@@ -52,30 +84,21 @@ def release_weights(model: nn.Module, names: list[str], result: QuantResult) -> 
         module.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=w.requires_grad)
 
 
-def restore_weights(model: nn.Module, result: QuantResult) -> None:
+def restore_weights(model: nn.Module, result: QuantResult, names: list[str] | None = None) -> None:
     """Put released weights back, dequantized from their QParams: the values a loader reads from
     the saved file (the baked qdq weights up to float rounding order)."""
-    for name, device in list(result.released.items()):
+    for name in list(result.released) if names is None else names:
+        device = result.released.pop(name, None)
         module = get_module(model, name)
         meta = module.weight
         w = result.qparams[name].dequantize(meta.dtype)
         w = (w.t() if isinstance(module, Conv1D) else w).contiguous()  # Conv1D keeps [in, out]
-        module.weight = nn.Parameter(w.to(device), requires_grad=meta.requires_grad)
-        del result.released[name]
+        module.weight = nn.Parameter(w.to(device or "cpu"), requires_grad=meta.requires_grad)
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([fn(x[i : i + bs].to(device)).to(store, torch.float32) for i in range(0, x.shape[0], bs)])
-
-
-@functools.cache  # asked on every block forward; the CPU does not change
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at about twice the fp32 rate. Without them torch
-    converts to fp32 and back around every op, which is slower than fp32 throughout."""
-    cpu = getattr(torch, "cpu", None)
-    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
-    return any(bool(f()) for f in checks if f is not None)
 
 
 def amp_dtype(device: torch.device, cfg: TuneConfig) -> torch.dtype | None:
@@ -94,20 +117,6 @@ def amp_dtype(device: torch.device, cfg: TuneConfig) -> torch.dtype | None:
 def _autocast(device: torch.device, cfg: TuneConfig):
     dtype = amp_dtype(device, cfg)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def quantize_rtn(model: nn.Module, plan: QuantPlan, show_progress: bool = True) -> QuantResult:
-    """Plain round-to-nearest over all blocks, block by block, on whatever device the weights are."""
-    untie_output_embedding(model, plan)
-    result = QuantResult()
-    for block in tqdm(plan.block_names, desc="quantizing blocks", disable=not show_progress):
-        for name in plan.layers_of(block):
-            result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
-    for name in plan.outside_blocks():
-        result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
-    quantize_ggml_extras(model, plan, result)
-    return result
 
 
 @contextlib.contextmanager
@@ -135,93 +144,204 @@ def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult)
         result.qparams[name] = rtn_layer(module, spec, mn, mx)
 
 
+@torch.no_grad()
+def head_logits(head: nn.Module, x: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """float32 logits of ``head`` on its inputs ``x``; a Linear head is applied in float32 a slice
+    of the vocabulary at a time (no float32 copy of a large head)."""
+    x = x.float()
+    if isinstance(head, nn.Linear) and not head.weight.is_meta:
+        w, b = head.weight, head.bias
+        parts = [F.linear(x, w[i : i + rows].float(), None if b is None else b[i : i + rows].float())
+                 for i in range(0, w.shape[0], rows)]
+        return torch.cat(parts, dim=-1)
+    p = next(head.parameters(), None)
+    return head(x.to(p.dtype) if p is not None and p.is_floating_point() else x).float()
+
+
+def probe_ids_for(model: nn.Module, n: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """Token ids of the self-check probe: seeded and independent of the tokenizer."""
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
 @flush_denormals()
 @gc_frozen_scope()
-def quantize_calibrated(
+def quantize_model(
     model: nn.Module,
     plan: QuantPlan,
     cfg: TuneConfig,
-    calib_ids: torch.Tensor,
+    calib_ids: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-    show_progress: bool = True,
+    source: WeightSource | None = None,
+    sink: BlockSink | None = None,
     keep_weights: bool = True,
+    probe_ids: torch.Tensor | None = None,
+    checkpoint: Checkpointer | None = None,
+    show_progress: bool = True,
 ) -> QuantResult:
-    """Optimized RTN (iters=0) or SignRound over all blocks, then the layers outside blocks.
+    """Quantize every block in order, then the layers outside blocks (lm_head).
 
-    ``keep_weights=False``: release each tuned block's quantized weights (see :func:`release_weights`)
-    when nothing later runs the whole model (no layers outside blocks to tune); :func:`restore_weights`
-    brings them back.
+    ``calib_ids`` None: plain RTN, no calibration passes. ``sink`` gets each block as soon as it is
+    done; with a sink, block QParams are not kept (they are in the sink's files). ``keep_weights``
+    False (in-memory models): tuned weights are released after the sink took them, restored from
+    QParams by :func:`restore_weights`. ``probe_ids``: a small batch carried through the quantized
+    chain; its logits (``result.probe_logits``) are the reference for checking saved files.
+    ``checkpoint``: resume state, read before the loop and written after each block.
     """
-    untie_output_embedding(model, plan)
+    source = source or InMemorySource()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = torch.device("cpu") if cfg.low_gpu_mem_usage or device.type == "cpu" else device
     gen = torch.Generator().manual_seed(cfg.seed)
-    bs = min(cfg.batch_size, calib_ids.shape[0])
     result = QuantResult()
-    release = not keep_weights and not plan.outside_blocks()
-    if amp_dtype(device, cfg) is not None:
+    blocks = plan.block_names
+    keep_qparams = sink is None or not source.streamed
+    release = not keep_weights and not source.streamed and not plan.outside_blocks()
+    calibrated = calib_ids is not None
+    bs = min(cfg.batch_size, calib_ids.shape[0]) if calibrated else 1
+    if calibrated and amp_dtype(device, cfg) is not None:
         logger.info("tuning the block forward/backward in bf16 autocast on %s (--disable_amp: fp32)", device.type)
 
-    x_fp, block_kwargs = capture_block_inputs(model, plan.block_names, calib_ids, bs, store)
-    # a capture that fell back to a full single-sample forward read the whole memory-mapped
-    # checkpoint in; let its unmodified pages go until each block's turn (SmolLM2-135M W2G64, 5 iters:
-    # peak RSS 1115 -> 953 MiB)
-    drop_file_pages([p.data for p in model.parameters()], still_used=set(), live=True)
-    x_q = x_fp
-    bar = tqdm(plan.block_names, desc=f"{cfg.mode} blocks", disable=not show_progress)
-    for block_name in bar:
+    source.materialize_outside(model, blocks)
+    untie_output_embedding(model, plan)
+    source.materialize(model, blocks[0])
+    point = checkpoint.resume_point() if checkpoint is not None else None
+    x_fp = x_q = None
+    block_kwargs: dict[str, dict[str, Any]] = {}
+    out_len = None
+    if calibrated:
+        # a resumed run has the chains on disk; the per-block arguments come from one sample
+        cap = capture_block_inputs(model, blocks, calib_ids[:1] if point else calib_ids, bs, store)
+        x_fp = x_q = cap.hidden
+        block_kwargs, out_len = cap.kwargs, cap.output_len
+        if not source.streamed:
+            # a capture that fell back to a full single-sample forward read the whole memory-mapped
+            # checkpoint in; let its unmodified pages go until each block's turn (SmolLM2-135M
+            # W2G64, 5 iters: peak RSS 1115 -> 953 MiB)
+            drop_file_pages([p.data for p in model.parameters() if not p.is_meta], still_used=set(), live=True)
+    quantize_ggml_extras(model, plan, result)  # weights only; the probe sees them as the file stores them
+    probe_h, probe_kwargs = None, {}
+    if probe_ids is not None:
+        pcap = capture_block_inputs(model, blocks, probe_ids, probe_ids.shape[0], "cpu")
+        probe_h, probe_kwargs, out_len = pcap.hidden, pcap.kwargs, pcap.output_len
+    start = 0
+    if point is not None:
+        start = point.blocks_done
+        x_fp, x_q, probe_h = point.x_fp, point.x_q, point.probe if point.probe is not None else probe_h
+        gen.set_state(point.generator_state)
+        result.block_stats.update(point.block_stats)
+        result.resumed_from = start
+        logger.info("resuming after block %d of %d (%s)", start, len(blocks), blocks[start - 1] if start else "-")
+
+    bar = tqdm(blocks, desc=f"{cfg.mode} blocks", disable=not show_progress, initial=start, total=len(blocks))
+    for index in range(start, len(blocks)):
+        block_name = blocks[index]
         t0 = time.time()
+        source.materialize(model, block_name)
         blk = get_module(model, block_name)
+        old_weights = [p.data for p in blk.parameters()]
+        names = plan.layers_of(block_name)
         orig_param = next(blk.parameters())
         orig_device, orig_dtype = orig_param.device, orig_param.dtype
-        old_weights = [p.data for p in blk.parameters()]
-        blk.to(device=device, dtype=torch.float32)
-        kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
+        qparams: dict[str, QParams] = {}
+        stats: dict[str, Any] = {}
+        if calibrated:
+            blk.to(device=device, dtype=torch.float32)
+            kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
 
-        def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
-            with _autocast(device, cfg):
-                return block_forward(unit, xb, kw)
+            def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
+                with _autocast(device, cfg):
+                    return block_forward(unit, xb, kw)
 
-        y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
-        names = plan.layers_of(block_name)
+            if index == start:
+                sample_s = time_sample_forward(lambda xb: run(blk, xb), x_fp, device)
+                log_estimate(cfg, sample_s, x_fp.shape[0], len(blocks) - start, device)
+            y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
+            if names:
+                prefix = block_name + "."
+                layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
+                bar_step = _live_loss(bar, cfg)
+                res = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs,
+                                     gen, keep_outputs=cfg.enable_quanted_input, on_step=bar_step)
+                qparams = {prefix + rel: qp for rel, qp in res.qparams.items()}
+                stats = res.stats.as_dict()
+            if not cfg.enable_quanted_input:
+                x_q = y_fp
+            elif names:
+                x_q = res.outputs.to(store)  # the tuned block's outputs, from its final loss pass
+            else:
+                x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
+            x_fp = y_fp
+        else:
+            with torch.no_grad():
+                qparams = {n: rtn_layer(get_module(model, n), plan.specs[n]) for n in names}
+        if probe_h is not None:
+            probe_h = _probe_forward(blk, probe_h, probe_kwargs[block_name], device)
+        blk.to(device=orig_device, dtype=orig_dtype)
         if names:
-            prefix = block_name + "."
-            layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
-            res = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs, gen,
-                                 keep_outputs=cfg.enable_quanted_input)
-            result.qparams.update({prefix + rel: qp for rel, qp in res.qparams.items()})
-            stats = res.stats.as_dict()
             stats["seconds"] = round(time.time() - t0, 3)
             result.block_stats[block_name] = stats
-            bar.set_postfix_str(f"loss {stats['loss_rtn']:.3g} -> {stats['loss_final']:.3g}")
+            if "loss_final" in stats:
+                bar.set_postfix_str(f"loss {stats['loss_rtn']:.3g} -> {stats['loss_final']:.3g}")
             logger.debug("%s: %s", block_name, stats)
-        if not cfg.enable_quanted_input:
-            x_q = y_fp
-        elif names:
-            x_q = res.outputs.to(store)  # the tuned block's outputs, from its final loss pass
-        else:
-            x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
-        x_fp = y_fp
-        blk.to(device=orig_device, dtype=orig_dtype)
-        if release and names:
+        if sink is not None:
+            sink.block(model, block_name, qparams)
+        if keep_qparams:
+            result.qparams.update(qparams)
+        if source.streamed:
+            source.release(model, block_name)
+        elif release and names:
             release_weights(model, names, result)
-        in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-        drop_file_pages(old_weights, in_use)
+        del qparams
+        if not source.streamed:
+            in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if not t.is_meta}
+            drop_file_pages(old_weights, in_use)
         del old_weights
+        if checkpoint is not None:
+            checkpoint.save(ResumePoint(index + 1, x_fp, x_q, probe_h, gen.get_state(), dict(result.block_stats)))
+        bar.update(1)
         release_memory(freeze=True)  # what survives a block (model, caches) lives to the end
+    bar.close()
 
     for name in plan.outside_blocks():
         t0 = time.time()
-        res = _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen)
+        if not calibrated:
+            with torch.no_grad():
+                result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
+            continue
+        res = _quantize_outside_layer(model, name, plan, cfg, calib_ids, x_q, out_len, device, store, bs, gen)
         result.qparams[name] = res.qparams[""]
         stats = res.stats.as_dict()
         stats["seconds"] = round(time.time() - t0, 3)
         result.block_stats[name] = stats
-    quantize_ggml_extras(model, plan, result)
+    if probe_h is not None:
+        head = model.get_output_embeddings()
+        x = inputs_after_blocks(model, blocks, probe_h, probe_ids, head, out_len, probe_ids.shape[0])
+        result.probe_logits = head_logits(head, x)
     return result
 
 
-def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False) -> UnitResult:
+def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
+    """Show the current block's minibatch loss on the progress bar while it tunes."""
+    if cfg.mode != "signround" or bar.disable:
+        return None
+    every = max(1, cfg.iters // 10)
+
+    def step(it: int, loss: float) -> None:
+        if it % every == 0:
+            bar.set_postfix_str(f"iter {it}/{cfg.iters} loss {loss:.3g}")
+
+    return step
+
+
+@torch.no_grad()
+def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The probe through a finished block, in float32 without autocast (the self-check's reference)."""
+    blk.to(device=device, dtype=torch.float32)
+    return block_forward(blk, h.to(device), cast_kwargs(kwargs, device, torch.float32)).float().cpu()
+
+
+def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False,
+                   on_step=None) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
     def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(clipping candidates, refit candidates)."""
@@ -247,35 +367,18 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
     # plain RTN reaches here only for static activation ranges: no clipping search
     return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, None if cfg.mode == "rtn" else init, gen,
-                     keep_outputs)
+                     keep_outputs, on_step)
 
 
 def _zero_iters(cfg: TuneConfig) -> TuneConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, iters=0)
 
 
-def _quantize_outside_layer(model, name, plan, cfg, calib_ids, device, store, bs, gen):
-    """lm_head and other layers outside blocks: capture their inputs on the quantized model, then tune."""
+def _quantize_outside_layer(model, name, plan, cfg, calib_ids, x_last, out_len, device, store, bs, gen):
+    """lm_head and other layers outside blocks: their inputs come from the quantized chain's last
+    outputs through the model's own tail (final norm), then the layer is tuned like a block."""
     mod = get_module(model, name)
-    chunks: list[torch.Tensor] = []
-
-    def stop(_m, args):
-        chunks.append(args[0].detach().to(store, torch.float32))
-        raise _StopForward
-
-    h = mod.register_forward_pre_hook(stop)
-    try:
-        with torch.no_grad():
-            for i in range(0, calib_ids.shape[0], bs):
-                try:
-                    model(input_ids=calib_ids[i : i + bs].to(mod.weight.device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        h.remove()
-    x = torch.cat(chunks)
+    x = inputs_after_blocks(model, plan.block_names, x_last, calib_ids, mod, out_len, bs, store)
     orig_device, orig_dtype = mod.weight.device, mod.weight.dtype
     mod.to(device=device, dtype=torch.float32)
     w_fp = get_weight(mod).detach().clone()

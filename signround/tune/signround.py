@@ -268,6 +268,7 @@ def tune_unit(
     init: InitFn | None = None,
     generator: torch.Generator | None = None,
     keep_outputs: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> UnitResult:
     """Tune the layers of ``unit`` and bake them; returns their QParams and loss statistics.
 
@@ -277,7 +278,8 @@ def tune_unit(
     (min_scale, max_scale) per layer from the per-channel input importance, which is collected
     during the plain-RTN pass (inputs of later layers thus see earlier layers quantized).
     With ``keep_outputs`` the unit's outputs for the kept parameters come back too (the next
-    unit's quantized-chain inputs), saving a forward pass.
+    unit's quantized-chain inputs), saving a forward pass. ``on_step(iteration, minibatch loss)``
+    is called after every iteration (the progress bar's live loss).
     """
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
@@ -372,6 +374,8 @@ def tune_unit(
                 break
             if it == 0:
                 loss_iter0 = total
+            if on_step is not None:
+                on_step(it, total)
             score = total / ref_total
             if score < best_score:
                 best_score, best, best_iter = score, total, it

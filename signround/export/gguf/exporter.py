@@ -24,7 +24,7 @@ from ...plan import QuantPlan
 from ...qdq import QParams
 from ...model.layers import tied_lm_head
 from ...schemes import GGML_SPECS, GGUF_FTYPES
-from ..writer import unique_state_dict
+from ..writer import canonical_entries
 from .blocks import pack_blocks
 from .mapping import family_of, gguf_name, hyperparameters, permute_rows, qk_heads
 from .tokenizer import vocab_metadata
@@ -58,7 +58,7 @@ class GGUFExporter:
                 f"{(plan.ggml_ftype or plan.default.label()).upper()}{' (' + ', '.join(bad[:3]) + ')' if bad else ''}: "
                 f"quantize with --scheme GGUF:{self.ftype.upper()}"
             )
-        for name, t in unique_state_dict(model, plan.quantized):  # names only: released weights pass
+        for name, _ in canonical_entries(model):  # names only: meta (streamed, released) weights pass
             if gguf_name(fam, name) is None:
                 raise ExportError(f"{name} has no GGUF tensor name in the {fam.arch} table")
 
@@ -69,43 +69,9 @@ class GGUFExporter:
         base = Path(source_dir).name if source_dir else "model"
         return f"{base}-{self.ftype}.gguf"
 
-    def write(self, d: Path, model: nn.Module, plan: QuantPlan, qparams: dict[str, QParams], tokenizer: Any,
-              source_dir: str | None) -> None:
-        gguf = _gguf()
-        config = model.config.get_text_config()
-        fam = family_of(model.config)
-        w = gguf.GGUFWriter(str(d / self.file_name(source_dir)), fam.arch)
-        w.add_name(Path(source_dir).name if source_dir else "model")
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{self.ftype.upper()}"))
-        for method, value in hyperparameters(fam, config):
-            getattr(w, method)(value)
-        self._tokenizer(w, tokenizer, source_dir, config)
-        qt = gguf.GGMLQuantizationType
-        tied = tied_lm_head(model)
-        types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
-        for name, t in unique_state_dict(model, qparams):
-            target = gguf_name(fam, name)
-            if target == "output.weight" and tied:
-                continue  # token_embd holds the shared matrix
-            layer = name.rsplit(".", 1)[0]
-            heads = qk_heads(fam, config, target)
-            if layer in qparams and name.endswith(".weight"):
-                data, dtype = pack_blocks(qparams[layer], types[layer]), getattr(qt, types[layer].upper())
-            else:
-                half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16)
-                data = t.detach().to(torch.float16 if half else torch.float32)
-                if fam.norm_shift and target.endswith("norm.weight"):
-                    data = data + fam.norm_shift
-                dtype = qt.F16 if half else qt.F32
-            if heads:
-                data = permute_rows(data, heads)
-            arr = data.contiguous().cpu().numpy()
-            w.add_tensor(target, arr, raw_dtype=dtype if dtype not in (qt.F16, qt.F32) else None)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    def open(self, d: Path, model: nn.Module, plan: QuantPlan, source_dir: str | None,
+             state: dict | None = None) -> "GGUFFile":
+        return GGUFFile(self, d, model, plan, source_dir, state)
 
     @staticmethod
     def _tokenizer(w, tokenizer: Any, source_dir: str | None, config: Any) -> None:
@@ -129,6 +95,79 @@ class GGUFExporter:
             w.add_add_bos_token(meta["add_bos"])
         if "chat_template" in meta:
             w.add_chat_template(meta["chat_template"])
+
+
+class GGUFFile:
+    """One .gguf file written as tensors arrive: each tensor's bytes go to a spill file (nothing is
+    held in memory) and :meth:`finish` writes header, metadata and tensor infos, then the tensor
+    data read back from the spill through memory maps. The spill's entries and length are the
+    state a resumed run continues from."""
+
+    def __init__(self, exporter: GGUFExporter, d: Path, model: nn.Module, plan: QuantPlan,
+                 source_dir: str | None, state: dict | None = None):
+        self.exporter, self.d, self.source_dir = exporter, d, source_dir
+        self.config = model.config.get_text_config()
+        self.fam = family_of(model.config)
+        self.tied = tied_lm_head(model)
+        self.types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
+        self.spill = d / ".gguf-tensors.data"
+        self.entries: list[list] = state["entries"] if state else []
+        self.length: int = state["length"] if state else 0
+        if self.spill.exists():
+            with open(self.spill, "r+b") as f:
+                f.truncate(self.length)
+
+    def state(self) -> dict:
+        return {"entries": self.entries, "length": self.length}
+
+    def sync(self) -> None:
+        if self.spill.exists():
+            with open(self.spill, "rb+") as f:
+                os.fsync(f.fileno())
+
+    def add(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan) -> None:
+        qt = _gguf().GGMLQuantizationType
+        target = gguf_name(self.fam, name)
+        if target == "output.weight" and self.tied:
+            return  # token_embd holds the shared matrix
+        layer = name.rsplit(".", 1)[0]
+        heads = qk_heads(self.fam, self.config, target)
+        if name.endswith(".weight") and layer in self.types and layer in qparams:
+            data, dtype = pack_blocks(qparams[layer], self.types[layer]), getattr(qt, self.types[layer].upper())
+        else:
+            if t.is_meta:
+                raise ExportError(f"{name} has no values (meta tensor); load the model fully before saving")
+            half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16)
+            data = t.detach().to(torch.float16 if half else torch.float32)
+            if self.fam.norm_shift and target.endswith("norm.weight"):
+                data = data + self.fam.norm_shift
+            dtype = qt.F16 if half else qt.F32
+        if heads:
+            data = permute_rows(data, heads)
+        arr = data.contiguous().cpu().numpy()
+        with open(self.spill, "ab") as f:
+            arr.tofile(f)
+        raw = None if dtype in (qt.F16, qt.F32) else int(dtype)
+        self.entries.append([target, arr.dtype.str, list(arr.shape), self.length, raw])
+        self.length += arr.nbytes
+
+    def finish(self, model: nn.Module, plan: QuantPlan, extra_config: dict, tokenizer: Any) -> None:
+        gguf = _gguf()
+        w = gguf.GGUFWriter(str(self.d / self.exporter.file_name(self.source_dir)), self.fam.arch)
+        w.add_name(Path(self.source_dir).name if self.source_dir else "model")
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{self.exporter.ftype.upper()}"))
+        for method, value in hyperparameters(self.fam, self.config):
+            getattr(w, method)(value)
+        self.exporter._tokenizer(w, tokenizer, self.source_dir, self.config)
+        for target, dt, shape, offset, raw in self.entries:
+            arr = np.memmap(self.spill, dtype=np.dtype(dt), mode="r", offset=offset, shape=tuple(shape))
+            w.add_tensor(target, arr, raw_dtype=None if raw is None else gguf.GGMLQuantizationType(raw))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        self.spill.unlink(missing_ok=True)
 
 
 EXPORTERS = [GGUFExporter(t) for t in GGUF_FTYPES]

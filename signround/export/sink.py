@@ -1,0 +1,107 @@
+"""Writing every requested format block by block, as the pipeline finishes each block.
+
+``ExportSink`` owns one :class:`FormatFile` per format (one subdirectory each when there are
+several) inside the hidden partial directory. The pipeline hands it each finished block (its
+state-dict entries and QParams); the entries outside the blocks (embeddings, final norm, head)
+and the configs follow at :meth:`ExportSink.finish`. Whole-model saves replay the same sequence, so
+streamed and whole-model runs write identical files. :meth:`ExportSink.state` is what a resumed
+run needs to continue each file where the last finished block left it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..plan import QuantPlan
+from ..qdq import QParams
+from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+from .writer import canonical_entries, write_config, write_tokenizer
+
+
+class SafetensorsFile:
+    """A transformers-style checkpoint directory: sharded safetensors, config, tokenizer."""
+
+    def __init__(self, exporter: Any, d: Path, max_shard_bytes: int, state: dict | None = None):
+        self.exporter, self.d = exporter, d
+        self.shards = ShardWriter.restore(d, state) if state else ShardWriter(d, max_shard_bytes)
+
+    def add(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan) -> None:
+        for out_name, out in self.exporter.convert(name, t, qparams, plan):
+            if out.is_meta:
+                raise ExportError(f"{name} has no values (meta tensor) and {self.exporter.name} needs them")
+            self.shards.add(out_name, out)
+
+    def state(self) -> dict:
+        return self.shards.state()
+
+    def sync(self) -> None:
+        self.shards.sync()
+
+    def finish(self, model: nn.Module, plan: QuantPlan, extra_config: dict, tokenizer: Any) -> None:
+        self.shards.finish()
+        write_config(self.d, model, self.exporter.quantization_config(plan, extra_config, model))
+
+
+class ExportSink:
+    """Every requested format, written as blocks finish."""
+
+    def __init__(self, exporters: list, root: Path, model: nn.Module, plan: QuantPlan, source_dir: str | None,
+                 max_shard_bytes: int | None = None, state: dict | None = None):
+        self.exporters, self.root, self.plan, self.source_dir = exporters, root, plan, source_dir
+        self.files: dict[str, Any] = {}
+        self.entries = canonical_entries(model)
+        for e in exporters:
+            d = self.dir_of(e)
+            d.mkdir(parents=True, exist_ok=True)
+            st = (state or {}).get(e.name)
+            if hasattr(e, "open"):  # single-file containers (gguf)
+                self.files[e.name] = e.open(d, model, plan, source_dir, st)
+            else:
+                self.files[e.name] = SafetensorsFile(e, d, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, st)
+
+    def dir_of(self, exporter: Any) -> Path:
+        return self.root if len(self.exporters) == 1 else self.root / exporter.name.replace(":", "-")
+
+    def _add(self, name: str, t: torch.Tensor, qparams: dict[str, QParams]) -> None:
+        for f in self.files.values():
+            f.add(name, t, qparams, self.plan)
+
+    def block(self, model: nn.Module, block_name: str, qparams: dict[str, QParams]) -> None:
+        prefix = block_name + "."
+        for name, _ in self.entries:
+            if name.startswith(prefix):
+                self._add(name, _tensor(model, name), qparams)
+
+    def state(self) -> dict:
+        for f in self.files.values():
+            f.sync()
+        return {name: f.state() for name, f in self.files.items()}
+
+    def finish(self, model: nn.Module, qparams: dict[str, QParams], extra_config: dict, tokenizer: Any,
+               extra_files: dict[str, str] | None = None) -> list[Path]:
+        """The entries outside the blocks, then each format's closing files; returns the directories."""
+        inside = tuple(b + "." for b in self.plan.block_names)
+        for name, _ in self.entries:
+            if not name.startswith(inside):
+                self._add(name, _tensor(model, name), qparams)
+        dirs = []
+        for e in self.exporters:
+            d = self.dir_of(e)
+            self.files[e.name].finish(model, self.plan, extra_config, tokenizer)
+            if not hasattr(e, "open"):
+                write_tokenizer(d, tokenizer, self.source_dir)
+            for fname, text in (extra_files or {}).items():
+                (d / fname).write_text(text)
+            dirs.append(d)
+        return dirs
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The current tensor under ``name`` (materialized or restored since the entries were listed)."""
+    mod_name, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(mod_name) if mod_name else model, leaf)
