@@ -36,7 +36,8 @@ if a["kind"] == "fp":
     model = AutoModelForCausalLM.from_pretrained(a["dir"], dtype=getattr(torch, a["dtype"])).eval()
 else:
     from signround import load_quantized
-    model = load_quantized(a["dir"], dtype=getattr(torch, a["dtype"]), backend=a["backend"])
+    # dtype None: what a user gets with no dtype (chosen by device: float32 on CPUs without native half)
+    model = load_quantized(a["dir"], dtype=getattr(torch, a["dtype"]) if a["dtype"] else None, backend=a["backend"])
 vocab = model.config.vocab_size
 ids = torch.randint(0, vocab, (1, a["prompt"]))
 with torch.no_grad():
@@ -54,22 +55,24 @@ weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + l
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
 backends = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
 print("RESULT " + json.dumps({"prefill_tok_s": a["prompt"] / prefill, "decode_tok_s": a["decode"] / max(decode, 1e-9),
-                              "weights_mb": weights / 2**20, "peak_rss_mb": hwm / 2**20, "backends": backends}))
+                              "weights_mb": weights / 2**20, "peak_rss_mb": hwm / 2**20, "backends": backends,
+                              "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}))
 """
 
 
 WIKITEXT = REPO.parent / "shared" / "corpora" / "wikitext2_test.txt"
 
 
-def quantize(model_dir: Path, out: Path, bits: int, group_size: int, ppl_windows: int) -> dict:
+def quantize(model_dir: Path, out: Path, bits: int, group_size: int, ppl_windows: int, dtype: str = "float32") -> dict:
     """Quantize (RTN) and save; perplexity of the in-memory model and of the reloaded one."""
     from transformers import AutoTokenizer
 
     from signround import AutoRound, load_quantized
     from signround.eval.perplexity import perplexity
 
+    # the whole model in memory: its qdq weights are the reference the reloaded files are scored against
     ar = AutoRound(str(model_dir), scheme="W4A16", bits=bits, group_size=group_size, iters=0, disable_opt_rtn=True,
-                   dtype="float32")
+                   dtype=dtype, low_cpu_mem_usage=False)
     model, _ = ar.quantize_and_save(str(out), format="auto_round")
     if not ppl_windows:
         return {}
@@ -121,20 +124,27 @@ def main() -> None:
                 backends = ["dequant_once", "torch", "int4_cpu" if bits == 4 else "int8_cpu"]
                 variants += [(f"{label} {b}", "q", qdir, "float32", b) for b in backends]
                 variants.append((f"{label} packed (bf16)", "q", qdir, "bfloat16", "packed"))
+                if bits == 4 and json.loads((model / "config.json").read_text()).get("dtype") == "float16":
+                    # the checkpoint's own dtype saved: what a user's first load gets with no dtype given,
+                    # against computing in that float16 (the default before dtypes were chosen by device)
+                    hdir = Path(tmp) / f"{model.name}-w4-fp16"
+                    quantize(model, hdir, bits, gs, 0, dtype="auto")
+                    variants += [(f"{label} fp16 checkpoint, default load", "q", hdir, None, "auto"),
+                                 (f"{label} fp16 checkpoint, dtype float16", "q", hdir, "float16", "auto")]
             for label, kind, d, dtype, backend in variants:
                 res = run_child({"kind": kind, "dir": str(d), "dtype": dtype, "backend": backend or "auto",
                                  "prompt": a.prompt, "decode": a.decode})
                 rows.append({"model": model.name, "variant": label, **res})
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\nprompt {a.prompt} tokens, decode {a.decode} tokens, batch 1\n")
-    print("| model | variant | backends | prefill tok/s | decode tok/s | weights MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | variant | backends | dtype | prefill tok/s | decode tok/s | weights MB | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             why = "backend does not hold these layers" if "cannot run" in r["error"] else f"error: {r['error'][-80:]!r}"
-            print(f"| {r['model']} | {r['variant']} | {why} | | | | |")
+            print(f"| {r['model']} | {r['variant']} | {why} | | | | | |")
             continue
-        print(f"| {r['model']} | {r['variant']} | {'/'.join(r['backends']) or '-'} | {r['prefill_tok_s']:.0f} | "
+        print(f"| {r['model']} | {r['variant']} | {'/'.join(r['backends']) or '-'} | {r['dtype']} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['weights_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
     if ppl_rows:
         print(f"\nWikiText-2 test, {a.ppl_windows} windows of 512 tokens\n")

@@ -30,7 +30,8 @@ from . import export
 from .calib import DEFAULT_DATASET, build_calibration
 from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
-from .model.loading import load_model_and_tokenizer
+from .devices import parse_device_map
+from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
 from .model.source import InMemorySource, WeightSource
 from .plan import QuantPlan, build_plan, untie_output_embedding
 from .report import (PLOT_FILE, REPORT_FILE, bits_summary, format_summary, layer_table, peak_gpu_bytes,
@@ -87,6 +88,7 @@ class AutoRound:
         amp: bool | None = None,
         enable_torch_compile: bool | None = None,
         disable_opt_rtn: bool | None = None,
+        cache_dtype: str | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
@@ -106,28 +108,38 @@ class AutoRound:
             gradient_accumulate_steps=gradient_accumulate_steps, nsamples=nsamples, seqlen=seqlen,
             enable_minmax_tuning=enable_minmax_tuning, enable_quanted_input=enable_quanted_input,
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
-            enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, seed=seed,
+            enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
+            seed=seed,
         )
         self._seqlen_given = seqlen is not None
         self.dataset = DEFAULT_DATASET if dataset is None else dataset
         self.device_map = device_map
         self.seed = seed
-        _seed_everything(seed)
-        # 2. model and plan
-        self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
-            model, tokenizer, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
-        self.plan: QuantPlan = build_plan(
-            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names, self.source
-        )
-        self._check_seqlen()
         self.result: QuantResult | None = None
         self.summary: dict[str, Any] = {}
         self._calib: torch.Tensor | None = None
         self._probe: torch.Tensor | None = None
         self._saved: tuple[Path, list] | None = None  # (output, exporters) of the last save
         self._loaded: nn.Module | None = None
+        _seed_everything(seed)
+        # 2. everything that needs no weights is checked first: devices, the checkpoint's files,
+        #    config, tokenizer and calibration data (a mistake costs seconds, not a model load)
+        self.devmap = parse_device_map(device_map)
+        self._config = load_config(model, trust_remote_code)
+        self._check_seqlen()
+        self.tokenizer = tokenizer
+        if self.tokenizer is None and not isinstance(model, nn.Module):
+            self.tokenizer = load_tokenizer(check_model_path(str(model)), trust_remote_code)
+        if self.cfg.needs_data or self.spec.needs_act_range:
+            self.calibration_ids()
+        # 3. model and plan
+        self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
+            model, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        self.plan: QuantPlan = build_plan(
+            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
+        )
 
     @property
     def iters(self) -> int:
@@ -140,7 +152,7 @@ class AutoRound:
     def _check_seqlen(self) -> None:
         if not self.cfg.needs_data:
             return
-        text_cfg = self._model.config.get_text_config()
+        text_cfg = self._config.get_text_config()
         ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
         if ctx and self.cfg.seqlen > ctx:
             if self._seqlen_given:
@@ -207,14 +219,16 @@ class AutoRound:
         self.source = InMemorySource()
 
     def _run(self, sink: Any, checkpoint: Any, keep_weights: bool) -> QuantResult:
-        device = _compute_device(self._model, self.device_map)
+        device = self.devmap.primary
+        if self.source.streamed:  # NaN/Inf in a weight: found before tuning, one tensor at a time
+            self.source.scan_finite([n for n, s in self.plan.specs.items() if s.quantized])
         ids = self.calibration_ids() if self.needs_calibration else None
         self._probe = probe_ids_for(self._model, seed=self.seed)
         if ids is not None:
             steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
             logger.info("%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device,
                         ids.shape[0], ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps)
-        return quantize_model(self._model, self.plan, self.cfg, ids, device, self.source, sink, keep_weights,
+        return quantize_model(self._model, self.plan, self.cfg, ids, self.devmap, self.source, sink, keep_weights,
                               self._probe, checkpoint)
 
     # -- save -------------------------------------------------------------------------------------
@@ -223,7 +237,9 @@ class AutoRound:
         max_shard_size: int | str | None = None, self_check: bool = True, **kwargs: Any
     ) -> Path:
         """Write the quantized model to exactly ``output_dir`` in ``format`` (several comma-separated:
-        one subdirectory each, from the same tuning)."""
+        one subdirectory each, from the same tuning). ``inplace`` (upstream's meaning): the in-memory
+        model's quantized layers become the packed QuantLinear layers of the first integer format
+        (their float weights freed); ``inplace=False`` leaves the model as it is."""
         if self.result is None:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
         _reject_unknown(kwargs)
@@ -234,8 +250,37 @@ class AutoRound:
                                      _shard_bytes(max_shard_size))
             self._replay(sink, reads_weights=_reads_weights(exporters))
             out = self._finish(sink, partial, exporters)
+        self._saved, self._loaded = (out, exporters), None
         self._self_check(out, exporters, self_check)
+        if inplace:
+            self._pack_in_place(exporters)
         return out
+
+    def _pack_in_place(self, exporters: list) -> None:
+        """Upstream's ``inplace=True``: the quantized layers of the in-memory model become the packed
+        layers the first integer format wrote (QuantLinear: the float weights are freed); other
+        formats leave the model as it is, as ``inplace=False`` always does."""
+        from .export.packing import pack_layer
+        from .inference.qlinear import QuantLinear, assign_backends
+        from .model.layers import get_module, in_out_features, set_module
+
+        packed = next((e for e in exporters if hasattr(e, "packing")), None)
+        if packed is None or self.result is None:
+            return
+        packing = packed.packing(self.plan)
+        for name in [n for n in self.plan.quantized if n in self.result.qparams]:
+            mod = get_module(self._model, name)
+            in_f, out_f = in_out_features(mod)
+            spec = self.plan.specs[name]
+            dtype = next((p.dtype for p in self._model.parameters() if p.is_floating_point()), torch.float32)
+            ql = QuantLinear(in_f, out_f, spec.bits, spec.group_size, packing, bias=mod.bias is not None, dtype=dtype)
+            for key, value in pack_layer(self.result.qparams[name], packing).items():
+                setattr(ql, key, value)
+            if mod.bias is not None:
+                ql.bias = mod.bias.detach().to(dtype)
+            set_module(self._model, name, ql)
+            self.result.released.pop(name, None)
+        assign_backends(self._model, self.devmap.primary)
 
     def _replay(self, sink: Any, reads_weights: bool) -> None:
         """Hand the sink every block again, as the block loop would have (whole-model saves)."""
@@ -370,7 +415,7 @@ class AutoRound:
         c = self.cfg
         rec: dict[str, Any] = {"iters": c.iters}
         if c.needs_data:
-            rec.update(nsamples=c.nsamples, seqlen=c.seqlen, batch_size=c.batch_size)
+            rec.update(nsamples=c.nsamples, seqlen=c.seqlen, batch_size=c.batch_size, cache_dtype=c.cache_dtype)
         if c.iters:
             lr, minmax_lr = c.lrs_for(self.spec)
             rec.update(lr=lr, minmax_lr=minmax_lr, enable_minmax_tuning=c.enable_minmax_tuning,
@@ -396,6 +441,7 @@ class AutoRound:
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_gpu_bytes": peak_gpu_bytes(),
             "calibration_tokens": int(ids.numel()) if ids is not None else 0,
+            "activation_cache_bytes": self.result.cache_bytes if self.result is not None else 0,
             "output_bytes": export.dir_size(directory),
         }
 
@@ -458,14 +504,6 @@ def _shard_bytes(size: int | str | None) -> int | None:
 def _reads_weights(exporters: list) -> bool:
     """Whether a format stores the in-memory weights of quantized layers (not just their QParams)."""
     return any(getattr(e, "reads_weights", False) for e in exporters)
-
-
-def _compute_device(model: nn.Module, device_map: Any) -> torch.device:
-    if isinstance(device_map, str) and device_map not in ("auto",):
-        return torch.device(device_map)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _seed_everything(seed: int) -> None:

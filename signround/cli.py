@@ -36,6 +36,22 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _backend_names() -> list[str]:
+    from .inference.backends import BACKENDS
+
+    return ["auto", "packed", *BACKENDS]
+
+
 def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Quantize a Hugging Face causal LM with SignRound.")
     p.add_argument("--recipe", default=recipe, choices=list(RECIPES),
@@ -73,6 +89,9 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--disable_quanted_input", action="store_true", help="feed blocks fp inputs instead of quantized ones")
     p.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations on the CPU")
+    p.add_argument("--cache_dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the cached activations (default auto: bf16 where native, fp16 on other GPUs, "
+                        "fp32 on CPUs without native bf16); losses stay float32")
     p.add_argument("--disable_amp", action="store_true",
                    help="tune in fp32 instead of bf16 autocast (used on GPUs and CPUs with native bf16)")
     p.add_argument("--enable_torch_compile", action="store_true", help="(default) compile the qdq kernels")
@@ -105,11 +124,12 @@ def _add_eval_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--tasks", required=required, default=None,
                    help="comma-separated: ppl:PATH (perplexity of a local text file) and/or lm-eval task names")
     g.add_argument("--eval_bs", type=int, default=4, help="evaluation batch size")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=_positive, default=None,
                    help="perplexity windows per file / examples per lm-eval task (default: all)")
-    g.add_argument("--eval_seqlen", type=int, default=512, help="perplexity window length in tokens")
+    g.add_argument("--eval_seqlen", type=_positive, default=512, help="perplexity window length in tokens")
     g.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
-    g.add_argument("--eval_backend", default="auto", help="QuantLinear backend: auto, packed, torch, dequant_once, int4_cpu, int8_cpu")
+    g.add_argument("--eval_backend", default="auto", choices=_backend_names(),
+                   help="QuantLinear backend for quantized models")
     g.add_argument("--eval_model_dtype", default=None,
                    help="dtype to evaluate in (default: by device; float32 on CPUs without native bf16/fp16)")
     g.add_argument("--eval_json", default=None,
@@ -129,7 +149,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks=None) -> int:
     from .eval import evaluate, load_for_eval, parse_tasks, results_table, save_results
 
-    tasks = tasks or parse_tasks(args.tasks, args.include_path)
+    if not tasks:
+        from .eval import check_windows
+        from .model.loading import check_model_path, load_tokenizer
+
+        tasks = parse_tasks(args.tasks, args.include_path)
+        tok = load_tokenizer(check_model_path(model_dir), args.trust_remote_code)
+        if tok is not None:
+            check_windows(tasks, tok, args.eval_seqlen)
     model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code,
                                args.eval_model_dtype)
     results = evaluate(model, tok, tasks, batch_size=args.eval_bs, limit=args.limit, seqlen=args.eval_seqlen,
@@ -143,6 +170,9 @@ def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks
 def _parse_layer_config(value: str | None) -> dict[str, Any] | None:
     if not value:
         return None
+    if value.strip().endswith(".json") and not value.lstrip().startswith("{"):
+        if not Path(value).is_file():
+            raise ConfigError(f"--layer_config file {value} does not exist; give a JSON file or inline JSON")
     text = Path(value).read_text() if value.strip().endswith(".json") and Path(value).is_file() else value
     try:
         cfg = json.loads(text)
@@ -162,9 +192,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     export.check_output_dir(args.output_dir)
     tasks = None
     if args.tasks:
-        from .eval import parse_tasks
+        from .eval import check_windows, parse_tasks
+        from .model.loading import check_model_path, load_tokenizer
 
         tasks = parse_tasks(args.tasks, args.include_path)
+        tok = load_tokenizer(check_model_path(args.model), args.trust_remote_code)
+        if tok is not None:
+            check_windows(tasks, tok, args.eval_seqlen)
+    layer_config = _parse_layer_config(args.layer_config)
+    if args.disable_low_cpu_mem_usage:
+        _preflight(args, layer_config)
     ar = AutoRound(
         args.model,
         scheme=args.scheme or _default_scheme(args.format),
@@ -176,7 +213,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         act_data_type=args.act_data_type,
         act_group_size=args.act_group_size,
         act_dynamic=args.act_dynamic,
-        layer_config=_parse_layer_config(args.layer_config),
+        layer_config=layer_config,
         ignore_layers=args.ignore_layers,
         quant_lm_head=args.quant_lm_head,
         recipe=args.recipe,
@@ -195,6 +232,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         amp=False if args.disable_amp else None,
         enable_torch_compile=False if args.disable_torch_compile else None,
         disable_opt_rtn=True if args.disable_opt_rtn else None,
+        cache_dtype=args.cache_dtype,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.dtype,
@@ -211,6 +249,28 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.device = None
         return run_eval(args, str(model_dir), out / "eval_results.json", tasks)
     return 0
+
+
+def _preflight(args: argparse.Namespace, layer_config: dict | None) -> None:
+    """Whole-model runs: the plan and the formats checked on a meta-device skeleton first, so a
+    scheme a format cannot hold is named before the weights are loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from . import export
+    from .model.loading import load_config
+    from .plan import build_plan
+    from .schemes import resolve_scheme
+
+    config = load_config(args.model, args.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    spec = resolve_scheme(args.scheme or _default_scheme(args.format), args.bits, args.group_size,
+                          False if args.asym else None, data_type=args.data_type, act_bits=args.act_bits,
+                          act_data_type=args.act_data_type, act_group_size=args.act_group_size,
+                          act_dynamic=args.act_dynamic)
+    plan = build_plan(skeleton, spec, layer_config, args.ignore_layers, args.quant_lm_head, args.to_quant_block_names)
+    export.check_formats(args.format, skeleton, plan, args.output_dir)
 
 
 def run_report(argv: Sequence[str]) -> int:
@@ -280,8 +340,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
         print("signround: terminated (SIGTERM)", file=sys.stderr)
         return 143
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, old in (previous or {}).items():
+            signal.signal(sig, old)
 
 
 class Terminated(BaseException):
@@ -289,30 +349,24 @@ class Terminated(BaseException):
 
 
 def _terminate_as_exception():
-    """Turn SIGTERM into an exception for the duration of a command; returns the old handler
-    (None when this is not the main thread, where handlers cannot be set)."""
+    """Turn SIGTERM (and SIGINT) into exceptions for the duration of a command, safely; returns the
+    old handlers (None when this is not the main thread, where handlers cannot be set)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
-        raise Terminated()
+        # an exception raised inside a finalizer (__del__, run by the garbage collector at any
+        # bytecode) is printed and swallowed; deliver the signal again a moment later instead
+        f = frame
+        while f is not None:
+            if f.f_code.co_name == "__del__":
+                import _thread
 
-    return signal.signal(signal.SIGTERM, handler)
+                threading.Timer(0.05, _thread.interrupt_main, args=(signum,)).start()
+                return
+            f = f.f_back
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-
-def main_best() -> int:
-    return main(prog="signround-best", recipe="best")
-
-
-def main_light() -> int:
-    return main(prog="signround-light", recipe="light")
-
-
-def main_fast() -> int:
-    return main(prog="signround-fast", recipe="fast")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -59,3 +60,70 @@ def resolve_compute_dtype(device: torch.device | str, stored: torch.dtype, reque
         logger.info("computing in %s on %s (checkpoint %s; %s; pass dtype= to choose)",
                     str(chosen).replace("torch.", ""), torch.device(device).type, str(stored).replace("torch.", ""), why)
     return chosen
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """Where tuning runs: ``devices[0]`` holds the block's inputs and outputs; a block's layers are
+    spread over all ``devices`` (round robin by size) or placed by ``modules`` (name or regex of a
+    module inside a block -> device)."""
+
+    devices: tuple[torch.device, ...]
+    modules: tuple[tuple[str, torch.device], ...] = ()
+
+    @property
+    def primary(self) -> torch.device:
+        return self.devices[0]
+
+    @property
+    def spread(self) -> bool:
+        return len(self.devices) > 1 or bool(self.modules)
+
+
+def _one_device(text: str | int | torch.device, what: str) -> torch.device:
+    from .errors import ConfigError
+
+    if isinstance(text, torch.device):
+        dev = text
+    else:
+        t = str(text).strip().lower()
+        if t.isdigit():
+            t = f"cuda:{t}"
+        try:
+            dev = torch.device(t)
+        except RuntimeError as e:
+            raise ConfigError(f"{what}: {text!r} is not a device; use cpu, cuda, cuda:N, N (a GPU index) or auto") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}: {text!r} needs a CUDA GPU and this machine has none; use --device_map cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what}: GPU {dev.index} does not exist (this machine has "
+                              f"{torch.cuda.device_count()}); use 0..{torch.cuda.device_count() - 1} or cpu")
+    elif dev.type not in ("cpu", "xpu", "mps"):
+        raise ConfigError(f"{what}: device type {dev.type!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def parse_device_map(device_map: str | int | dict | torch.device | None) -> DeviceMap:
+    """``None``/"auto": every visible GPU (else the CPU); "cpu", "cuda", "cuda:1", "1" or 1 (a GPU
+    index, as upstream's guide writes it); "0,1,2": several GPUs; a dict: modules inside a block
+    (exact name or regex, e.g. ``{"self_attn": 0, "mlp.experts": 1}``) -> device. Checked against
+    the machine before anything is loaded."""
+    from .errors import ConfigError
+
+    what = "--device_map"
+    if device_map is None or (isinstance(device_map, str) and device_map.strip().lower() == "auto"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return DeviceMap(tuple(torch.device(f"cuda:{i}") for i in range(n)) or (torch.device("cpu"),))
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ConfigError(f"{what}: an empty dict places nothing; give module name -> device entries")
+        modules = tuple((str(k), _one_device(v, f"{what} entry {k!r}")) for k, v in device_map.items())
+        devs = tuple(dict.fromkeys(d for _, d in modules))
+        return DeviceMap(devs, modules)
+    if isinstance(device_map, str) and "," in device_map:
+        devs = tuple(dict.fromkeys(_one_device(p, what) for p in device_map.split(",") if p.strip()))
+        if not devs:
+            raise ConfigError(f"{what}: {device_map!r} names no device")
+        return DeviceMap(devs)
+    return DeviceMap((_one_device(device_map, what),))

@@ -11,7 +11,6 @@ from torch import nn
 
 from .errors import ConfigError, ModelError
 from .memory import drop_file_pages
-from .model.source import WeightSource
 from .model.layers import (
     find_block_names,
     get_module,
@@ -71,10 +70,9 @@ def build_plan(
     ignore_layers: str | Iterable[str] | None = None,
     quant_lm_head: bool = False,
     to_quant_block_names: str | Iterable[str] | None = None,
-    source: WeightSource | None = None,
 ) -> QuantPlan:
-    """Resolve every layer's spec and check the weights, before any expensive work (a streamed
-    model's weights are read from its checkpoint one tensor at a time for the check)."""
+    """Resolve every layer's spec and check the weights in memory, before any expensive work (a
+    streamed model's are checked from its checkpoint before tuning: ``WeightSource.scan_finite``)."""
     blocks = find_block_names(model, to_quant_block_names)
     block_layers = {b: quantizable_layer_names(model, [b]) for b in blocks}
     names = [n for b in blocks for n in block_layers[b]]
@@ -105,8 +103,6 @@ def build_plan(
         # the check read a memory-mapped checkpoint's pages in; let them go until the layer's turn
         # (otherwise the whole model stays resident from here to the end: ~190 MB on SmolLM2-135M)
         drop_file_pages([w], still_used=set(), live=True)
-    if source is not None and source.streamed:
-        source.scan_finite([n for n, s in specs.items() if s.quantized])
     untie = bool(head and specs[head].quantized and tied_lm_head(model))
     if untie:
         logger.warning(

@@ -69,7 +69,9 @@ def test_several_formats_from_one_run(tiny_model_dir, tmp_path):
     ({}, "gguf", "unknown format"),
 ])
 def test_formats_refuse_before_tuning(tiny_model_dir, tmp_path, kw, fmt, needle):
-    ar = AutoRound(str(tiny_model_dir("llama")), iters=5, seqlen=32, nsamples=2, enable_torch_compile=False, **kw)
+    ids = torch.randint(3, 120, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    ar = AutoRound(str(tiny_model_dir("llama")), iters=5, seqlen=32, nsamples=2, enable_torch_compile=False,
+                   dataset=ids, **kw)
     with pytest.raises(ExportError, match=needle):
         ar.quantize_and_save(tmp_path / "q", format=fmt)
     assert ar.result is None, "nothing may be tuned before the format check"

@@ -115,7 +115,9 @@ def test_fp_scheme_errors(kw, needle):
 
 
 def _ar(stories_dir, scheme, **kw):
-    base = dict(nsamples=8, seqlen=64, batch_size=4, enable_torch_compile=False)
+    # float32 activations cache: activation quantization (NVFP4, MX) rounds at grid boundaries, where
+    # last-bit differences between two float32 computations can flip a code; exact runs compare exactly
+    base = dict(nsamples=8, seqlen=64, batch_size=4, enable_torch_compile=False, cache_dtype="float32")
     base.update(kw)
     return AutoRound(str(stories_dir), scheme=scheme, **base)
 

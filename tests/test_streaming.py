@@ -180,7 +180,8 @@ def test_start_over_discards_an_unfinished_run(stories_dir, tmp_path):
 def test_sigterm_and_sigint_end_cleanly_and_keep_finished_blocks(stories_dir, tmp_path, sig, code):
     out = tmp_path / "out"
     state = tmp_path / ".out.signround-partial" / "resume" / "state.json"
-    proc = subprocess.Popen(_cli("--model", str(stories_dir), *CMD, "--output_dir", str(out)), env=_env(),
+    slow = [*CMD[:3], "200", *CMD[4:]]  # long enough that the signal arrives mid-run
+    proc = subprocess.Popen(_cli("--model", str(stories_dir), *slow, "--output_dir", str(out)), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not state.is_file():

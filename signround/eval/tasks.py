@@ -55,6 +55,18 @@ def parse_tasks(spec: str | list[str], include_path: str | None = None) -> list[
     return tasks
 
 
+def check_windows(tasks: list[Task], tokenizer: Any, seqlen: int) -> None:
+    """Every perplexity text holds at least one window of ``seqlen`` tokens (checked before any
+    model is loaded or tuned)."""
+    for t in tasks:
+        if t.kind != "ppl":
+            continue
+        n = len(tokenizer(read_text(t.path))["input_ids"])
+        if n < seqlen:
+            raise ConfigError(f"{t.name}: the text has {n} tokens, fewer than one window of --eval_seqlen {seqlen}; "
+                              "give a longer text or a smaller --eval_seqlen")
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,

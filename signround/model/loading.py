@@ -44,39 +44,62 @@ def check_model_path(path: str) -> Path:
             f"{path!r} has no *.safetensors weights; signround loads safetensors only (no pickle). "
             "Convert the checkpoint with save_pretrained(..., safe_serialization=True)"
         )
+    from .source import checkpoint_index
+
+    checkpoint_index(p)  # every shard's header read and its size checked: truncated downloads, missing shards
     return p
 
 
 def load_model_and_tokenizer(
     model: str | nn.Module,
     tokenizer: Any = None,
-    device_map: str | dict | None = None,
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
     low_cpu_mem_usage: bool = False,
 ) -> tuple[nn.Module, Any, str | None, WeightSource]:
-    """Return (model, tokenizer, source directory or None, weight source).
-
-    ``low_cpu_mem_usage``: build the model on the meta device and stream its tensors from the
-    safetensors shards block by block (falls back to a whole load, logged, when the checkpoint's
-    names need transformers' own conversion or a device map spreads the model).
-    """
+    """Return (model, tokenizer, source directory or None, weight source)."""
     if isinstance(model, nn.Module):
         src = getattr(getattr(model, "config", None), "_name_or_path", None)
         return model, tokenizer, src if src and os.path.isdir(src) else None, InMemorySource()
-    if not isinstance(model, (str, os.PathLike)):
-        raise ModelError(f"model must be a path or a torch module, got {type(model).__name__}")
     path = check_model_path(str(model))
-    source: WeightSource = InMemorySource()
-    loaded = None
-    if low_cpu_mem_usage and (device_map is None or _single_device(device_map)):
-        loaded, source = _skeleton(path, dtype, trust_remote_code)
-    if loaded is None:
-        loaded = _whole(path, dtype, device_map, trust_remote_code)
-    loaded.eval()
     if tokenizer is None:
         tokenizer = load_tokenizer(path, trust_remote_code)
+    loaded, source = load_model(path, dtype, trust_remote_code, low_cpu_mem_usage)
     return loaded, tokenizer, str(path), source
+
+
+def load_model(path: Path, dtype: Any = "auto", trust_remote_code: bool = False,
+               low_cpu_mem_usage: bool = False) -> tuple[nn.Module, WeightSource]:
+    """The model of a checked directory, and where its weights come from.
+
+    ``low_cpu_mem_usage``: build the model on the meta device and stream its tensors from the
+    safetensors shards block by block (falls back to a whole load, logged, when the checkpoint's
+    names need transformers' own conversion). The model is loaded on the CPU either way: blocks
+    go to the tuning devices one at a time.
+    """
+    source: WeightSource = InMemorySource()
+    loaded = None
+    if low_cpu_mem_usage:
+        loaded, source = _skeleton(path, dtype, trust_remote_code)
+    if loaded is None:
+        loaded = _whole(path, dtype, trust_remote_code)
+    loaded.eval()
+    return loaded, source
+
+
+def load_config(model: str | nn.Module, trust_remote_code: bool = False) -> Any:
+    """The config alone (no weights): what the cheap checks before loading need."""
+    if isinstance(model, nn.Module):
+        return model.config
+    from transformers import AutoConfig
+
+    path = check_model_path(str(model))
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{path} needs custom code; pass --trust_remote_code if you trust its author") from e
+        raise ModelError(f"transformers cannot read the config of {path}: {e}") from e
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
@@ -89,17 +112,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
         return None
 
 
-def _single_device(device_map: Any) -> bool:
-    return isinstance(device_map, (str, int, torch.device)) and str(device_map) != "auto"
-
-
-def _whole(path: Path, dtype: Any, device_map: Any, trust_remote_code: bool) -> nn.Module:
+def _whole(path: Path, dtype: Any, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}
-    if device_map not in (None, "cpu"):
-        kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ValueError as e:

@@ -31,6 +31,7 @@ class TuneConfig:
     amp: bool = True
     enable_torch_compile: bool = True  # compiles the qdq kernels (falls back to eager when unavailable)
     disable_opt_rtn: bool = False
+    cache_dtype: str = "auto"  # cached activations: auto, float32, bfloat16, float16
     seed: int = 42
 
     @property
@@ -77,6 +78,8 @@ class TuneConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "iters" else 1):
                 raise ConfigError(f"{name} must be a {'non-negative' if name == 'iters' else 'positive'} integer, got {v!r}")
+        if self.cache_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"cache_dtype {self.cache_dtype!r} is not one of auto, float32, bfloat16, float16")
         for name in ("lr", "minmax_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:

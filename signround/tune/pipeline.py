@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..devices import cpu_has_native_bf16
+from ..devices import DeviceMap, cpu_has_native_bf16
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, inputs_after_blocks
 from ..model.layers import Conv1D, get_module, get_weight
@@ -33,6 +33,7 @@ from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
 from .config import TuneConfig
 from .estimate import log_estimate, time_sample_forward
+from .placement import place_block
 from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, rtn_layer, search_clip
 from .signround import UnitResult, tune_unit
 
@@ -48,6 +49,7 @@ class QuantResult:
     # layers whose in-memory weight was released after tuning (meta now), and its device
     released: dict[str, torch.device] = field(default_factory=dict)
     probe_logits: torch.Tensor | None = None  # the quantized model's logits on the probe batch
+    cache_bytes: int = 0  # the activation cache (both chains and a block's outputs)
     resumed_from: int = 0  # blocks already done by an interrupted run
 
 
@@ -97,8 +99,10 @@ def restore_weights(model: nn.Module, result: QuantResult, names: list[str] | No
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
+    """``fn`` over ``x`` in batches, computed in float32, stored like ``x`` (the cache dtype)."""
     with torch.no_grad():
-        return torch.cat([fn(x[i : i + bs].to(device)).to(store, torch.float32) for i in range(0, x.shape[0], bs)])
+        return torch.cat([fn(x[i : i + bs].to(device, torch.float32)).to(store, x.dtype)
+                          for i in range(0, x.shape[0], bs)])
 
 
 def amp_dtype(device: torch.device, cfg: TuneConfig) -> torch.dtype | None:
@@ -112,6 +116,23 @@ def amp_dtype(device: torch.device, cfg: TuneConfig) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dtype(cfg: TuneConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the cached activations (``--cache_dtype``): "auto" is bf16 where the device
+    computes it natively, fp16 on other GPUs, fp32 on CPUs without native bf16 (a half-precision
+    cache there costs conversions on every step). Losses are computed in float32 either way."""
+    if cfg.cache_dtype != "auto":
+        return CACHE_DTYPES[cfg.cache_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _autocast(device: torch.device, cfg: TuneConfig):
@@ -171,7 +192,7 @@ def quantize_model(
     plan: QuantPlan,
     cfg: TuneConfig,
     calib_ids: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | DeviceMap | None = None,
     source: WeightSource | None = None,
     sink: BlockSink | None = None,
     keep_weights: bool = True,
@@ -189,8 +210,11 @@ def quantize_model(
     ``checkpoint``: resume state, read before the loop and written after each block.
     """
     source = source or InMemorySource()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    devmap = device if isinstance(device, DeviceMap) else DeviceMap((torch.device(device or (
+        "cuda" if torch.cuda.is_available() else "cpu")),))
+    device = devmap.primary
     store = torch.device("cpu") if cfg.low_gpu_mem_usage or device.type == "cpu" else device
+    cache = cache_dtype(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = QuantResult()
     blocks = plan.block_names
@@ -211,8 +235,12 @@ def quantize_model(
     if calibrated:
         # a resumed run has the chains on disk; the per-block arguments come from one sample
         cap = capture_block_inputs(model, blocks, calib_ids[:1] if point else calib_ids, bs, store)
-        x_fp = x_q = cap.hidden
+        x_fp = x_q = cap.hidden.to(cache)
         block_kwargs, out_len = cap.kwargs, cap.output_len
+        # inputs and targets of both chains, and a block's outputs, held at once
+        result.cache_bytes = 3 * x_fp.numel() * x_fp.element_size() * (calib_ids.shape[0] if point else 1)
+        logger.info("activation cache: %.1f MB in %s on %s (--cache_dtype)", result.cache_bytes / 1e6,
+                    str(cache).replace("torch.", ""), store.type)
         if not source.streamed:
             # a capture that fell back to a full single-sample forward read the whole memory-mapped
             # checkpoint in; let its unmodified pages go until each block's turn (SmolLM2-135M
@@ -244,8 +272,9 @@ def quantize_model(
         orig_device, orig_dtype = orig_param.device, orig_param.dtype
         qparams: dict[str, QParams] = {}
         stats: dict[str, Any] = {}
+        hooks: list = []
         if calibrated:
-            blk.to(device=device, dtype=torch.float32)
+            hooks = place_block(blk, devmap, torch.float32)
             kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
 
             def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
@@ -267,7 +296,7 @@ def quantize_model(
             if not cfg.enable_quanted_input:
                 x_q = y_fp
             elif names:
-                x_q = res.outputs.to(store)  # the tuned block's outputs, from its final loss pass
+                x_q = res.outputs.to(store, cache)  # the tuned block's outputs, from its final loss pass
             else:
                 x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
             x_fp = y_fp
@@ -275,7 +304,12 @@ def quantize_model(
             with torch.no_grad():
                 qparams = {n: rtn_layer(get_module(model, n), plan.specs[n]) for n in names}
         if probe_h is not None:
+            if not calibrated:
+                hooks = place_block(blk, devmap, torch.float32)
             probe_h = _probe_forward(blk, probe_h, probe_kwargs[block_name], device)
+        for h in hooks:
+            h.remove()
+        hooks = []
         blk.to(device=orig_device, dtype=orig_dtype)
         if names:
             stats["seconds"] = round(time.time() - t0, 3)
@@ -335,8 +369,7 @@ def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
 
 @torch.no_grad()
 def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """The probe through a finished block, in float32 without autocast (the self-check's reference)."""
-    blk.to(device=device, dtype=torch.float32)
+    """The probe through a finished block (placed in float32), without autocast: the self-check's reference."""
     return block_forward(blk, h.to(device), cast_kwargs(kwargs, device, torch.float32)).float().cpu()
 
 

@@ -99,7 +99,11 @@ class TunableLayer(nn.Module):
         elif self.spec.act_quantized:
             x = qdq_act(x, self.spec, self.act_amax)
         w = self._w_leaf if self._w_leaf is not None else self.qdq_values()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        home = x.device
+        if home != w.device:  # a layer placed on another device by --device_map (see tune/placement.py)
+            x = x.to(w.device)
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y if y.device == home else y.to(home)
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -227,7 +231,7 @@ def _full_pass(
             d = F.mse_loss(out.float(), target(sl).float(), reduction="none")
             per.append(d.reshape(d.shape[0], -1).double().mean(1).cpu())
             if keep_outputs:
-                outs.append(out.to(x.device, torch.float32))
+                outs.append(out.to(x.device, x.dtype))  # stored like the inputs (the cache dtype)
     per_sample = torch.cat(per) if per else torch.zeros(0, dtype=torch.float64)
     loss = per_sample.mean().item() if per else 0.0  # samples have equal lengths
     return _Pass(loss, per_sample, torch.cat(outs) if keep_outputs else None)
@@ -301,8 +305,9 @@ def tune_unit(
         bs = min(cfg.batch_size, n)
         mb = micro_batch_size(bs, x_q, device)
         layer_list = list(wrappers.values())
-        full_target = lambda sl: target(sl, x_q[sl].to(device))  # noqa: E731
-        run_unit = lambda xb: run(unit, xb.to(device))  # noqa: E731
+        # cached activations may be half precision; the block computes in float32 (or autocast)
+        full_target = lambda sl: target(sl, x_q[sl].to(device, torch.float32))  # noqa: E731
+        run_unit = lambda xb: run(unit, xb.to(device, torch.float32))  # noqa: E731
 
         def full_pass(keep: bool = False) -> _Pass:
             with shared_weights(layer_list, grad=False):  # one qdq per layer for the whole pass
@@ -357,7 +362,7 @@ def tune_unit(
                 pos += bs
                 with shared_weights(layer_list, grad=not last_unscored):
                     for sub in idx.split(mb):
-                        xb = x_q[sub].to(device)
+                        xb = x_q[sub].to(device, torch.float32)
                         with torch.no_grad():
                             tb = target(sub, xb)
                         share = len(sub) / (len(idx) * cfg.gradient_accumulate_steps)
