@@ -102,9 +102,18 @@ def real_ids(model_dir: Path) -> torch.Tensor:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--setup", action="store_true", help="create the upstream venv first")
+    ap.add_argument("--ensure", action="store_true",
+                    help="create the upstream venv only when it is missing; skip (exit 0, reason printed) when it "
+                         "cannot be installed (what CI runs)")
     ap.add_argument("--model", help="a Hugging Face model directory to check instead of the tiny random Llama")
     args = ap.parse_args()
     py = setup_upstream() if args.setup else upstream_python()
+    if py is None and args.ensure:
+        try:
+            py = setup_upstream()
+        except (subprocess.CalledProcessError, OSError) as e:
+            print(f"SKIP: upstream auto-round could not be installed here ({e}); nothing was checked")
+            return 0
     if py is None:
         print(f"SKIP: {MISSING}")
         return 0

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VENV = REPO / ".venv-upstream"
+# SIGNROUND_UPSTREAM_VENV: where the venv lives (CI keeps it in the user's cache between runs)
+DEFAULT_VENV = Path(os.environ.get("SIGNROUND_UPSTREAM_VENV") or REPO / ".venv-upstream")
 UPSTREAM_VERSION = "0.16.1"
 
 

@@ -32,6 +32,7 @@ from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
 from .devices import parse_device_map
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
+from .memory import release_memory
 from .model.source import InMemorySource, WeightSource
 from .plan import QuantPlan, build_plan, untie_output_embedding
 from .report import (PLOT_FILE, REPORT_FILE, bits_summary, format_summary, layer_table, peak_gpu_bytes,
@@ -229,7 +230,7 @@ class AutoRound:
             logger.info("%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device,
                         ids.shape[0], ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps)
         return quantize_model(self._model, self.plan, self.cfg, ids, self.devmap, self.source, sink, keep_weights,
-                              self._probe, checkpoint)
+                              self._probe, checkpoint, probe_stored=keep_weights)
 
     # -- save -------------------------------------------------------------------------------------
     def save_quantized(
@@ -328,6 +329,9 @@ class AutoRound:
                 checkpoint.remove()
             out = self._finish(sink, partial, exporters)
         self._saved, self._loaded = (out, exporters), None
+        if self.source.streamed:  # the run's own embeddings and head are not needed any more
+            self.source.release_outside(self._model, self.plan.block_names)
+            release_memory()
         self._self_check(out, exporters, self_check)
         return out
 
@@ -378,10 +382,13 @@ class AutoRound:
             d = out if len(exporters) == 1 else out / e.name.replace(":", "-")
             if not enabled:
                 check = {"format": e.name, "status": "skipped", "reason": "--skip_self_check"}
-            elif self.result is None or self.result.probe_logits is None:
+            elif self.result is None or not self.result.probe_logits:
                 check = {"format": e.name, "status": "skipped", "reason": "no probe"}
             else:
-                check = check_saved(d, e.name, self._probe, self.result.probe_logits)
+                logits = self.result.probe_logits
+                # fake stores the weights in the model's dtype; the others the exact codes and scales
+                ref = logits.get("stored", logits["exact"]) if getattr(e, "reads_weights", False) else logits["exact"]
+                check = check_saved(d, e.name, self._probe, ref, self.plan.block_names)
             path, report = read_report(d / REPORT_FILE)
             report["self_check"] = [check]
             write_report(d, report)

@@ -153,8 +153,9 @@ def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks
         from .eval import check_windows
         from .model.loading import check_model_path, load_tokenizer
 
+        path = check_model_path(model_dir)  # the model first: a damaged checkpoint is the bigger news
         tasks = parse_tasks(args.tasks, args.include_path)
-        tok = load_tokenizer(check_model_path(model_dir), args.trust_remote_code)
+        tok = load_tokenizer(path, args.trust_remote_code)
         if tok is not None:
             check_windows(tasks, tok, args.eval_seqlen)
     model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code,
@@ -370,3 +371,19 @@ def _terminate_as_exception():
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def main_best() -> int:
+    return main(prog="signround-best", recipe="best")
+
+
+def main_light() -> int:
+    return main(prog="signround-light", recipe="light")
+
+
+def main_fast() -> int:
+    return main(prog="signround-fast", recipe="fast")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ It lives in ``resume/`` inside the hidden partial output directory, next to the 
 - ``state.json``: the run's fingerprint (model, scheme, tuning settings, calibration data, seed,
   formats), the number of finished blocks, per-block statistics, each output file's writer state
   (how far its spill is valid), and the name of the chain file;
-- ``chain-K.safetensors``: both activation chains after block K, the probe's hidden states and
+- ``chain-K.safetensors``: both activation chains after block K, the probes' hidden states and
   the tuning RNG state.
 
 Writes are ordered so that a kill at any instant leaves a consistent state: the output spills are
@@ -90,7 +90,8 @@ class RunCheckpoint:
             return None
         t = load_file(str(self.dir / self._state["chain"]))
         return ResumePoint(
-            blocks_done=self._state["blocks_done"], x_fp=t.get("x_fp"), x_q=t.get("x_q"), probe=t.get("probe"),
+            blocks_done=self._state["blocks_done"], x_fp=t.get("x_fp"), x_q=t.get("x_q"),
+            probes={k[len("probe_"):]: v for k, v in t.items() if k.startswith("probe_")},
             generator_state=t["generator"], block_stats=self._state["block_stats"],
         )
 
@@ -103,7 +104,8 @@ class RunCheckpoint:
         sink_state = self.sink.state() if self.sink is not None else {}  # syncs the spills first
         chain = f"chain-{point.blocks_done}.safetensors"
         tensors = {"generator": point.generator_state}
-        for key, t in (("x_fp", point.x_fp), ("x_q", point.x_q), ("probe", point.probe)):
+        named = [("x_fp", point.x_fp), ("x_q", point.x_q), *((f"probe_{k}", v) for k, v in point.probes.items())]
+        for key, t in named:
             if t is not None:
                 tensors[key] = t.detach().cpu().contiguous()
         if point.x_fp is not None and point.x_q is not None and point.x_q.data_ptr() == point.x_fp.data_ptr():

@@ -1,5 +1,8 @@
-"""Export self-check: load what was saved with the loader meant for it and compare its logits on a
-small probe batch with the quantized model's, as tuned and evaluated.
+"""Export self-check: load what was saved and compare its logits on a small probe batch with the
+quantized model's, as tuned and evaluated. Safetensors outputs are read back block by block (the
+loaders' own skeletons: QuantLinear for the packed formats, compressed-tensors dequantized per
+block, plain transformers for fake), so the check's memory is about two blocks; GGUF is loaded
+whole by transformers when it fits in memory.
 
 The reference logits come from the probe batch carried through the quantized chain during the
 run (float32 blocks with the baked qdq weights), so the check works for streamed runs too, where
@@ -17,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .memory import release_memory
 from .model.capture import _StopForward
+from .model.source import WeightSource
 from .tune.pipeline import head_logits
 
 logger = logging.getLogger(__name__)
@@ -68,28 +73,131 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def estimated_load_bytes(directory: Path, format_name: str) -> int:
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    # packed formats load about as stored; fake/GGUF are loaded as float32 (from bf16/fp16 or ~4.5 bits)
-    return size * (8 if format_name.startswith("gguf:") else 2 if format_name == "fake" else 1)
+    # GGUF is loaded whole by transformers, as float32 (from ~4.5 bits a weight)
+    return size * 8 if format_name.startswith("gguf:") else size
+
+
+class _CompressedSource(WeightSource):
+    """compressed-tensors layers dequantized block by block into a meta skeleton's Linears."""
+
+    streamed = True
+
+    def __init__(self, path: Path, model: nn.Module, qc: dict, dtype: torch.dtype):
+        from .model.source import checkpoint_index
+
+        self.path, self.qc, self.dtype = path, qc, dtype
+        self.index = checkpoint_index(path)
+
+    def _load(self, model: nn.Module, keep, dtype: torch.dtype) -> None:
+        from safetensors import safe_open
+
+        from .inference.compressed import load_compressed
+
+        tensors = {}
+        for key, (file, _) in self.index.items():
+            if keep(key):
+                with safe_open(str(file), "pt") as f:
+                    tensors[key] = f.get_tensor(key)
+        if tensors:
+            load_compressed(model, self.qc, tensors, self.path, dtype)
+
+    def materialize(self, model: nn.Module, prefix: str) -> None:
+        mod = model.get_submodule(prefix)
+        if any(p.is_meta for p in mod.parameters()):
+            self._load(model, lambda k: k.startswith(prefix + "."), torch.float32)
+
+    def materialize_outside(self, model: nn.Module, blocks: list[str]) -> None:
+        inside = tuple(b + "." for b in blocks)
+        self._load(model, lambda k: not k.startswith(inside), self.dtype)
+        model.tie_weights()  # assign=True loading replaced the embedding a tied head shares
+
+    def release(self, model: nn.Module, prefix: str) -> None:
+        for mod in model.get_submodule(prefix).modules():
+            for leaf, t in list(mod._parameters.items()):
+                if t is not None:
+                    mod._parameters[leaf] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+
+
+def _streamed(directory: Path, format_name: str) -> tuple[nn.Module, WeightSource]:
+    """The saved model as a meta skeleton in its own dtype and a source reading it block by block."""
+    import json
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model.loading import skeleton_dtype
+    from .model.source import SafetensorsSource
+
+    qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    config = AutoConfig.from_pretrained(str(directory))
+    dtype = skeleton_dtype(config, directory, "auto")
+    if format_name == "fake" or not qc:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()
+        return model, SafetensorsSource(directory, model)
+    if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+        from .inference.loader import _empty_model
+
+        model, _ = _empty_model(directory, dtype, "cpu")
+        model.tie_weights()
+        return model, _CompressedSource(directory, model, qc, dtype)
+    from .inference.loader import quantized_skeleton
+
+    shards = sorted(directory.glob("*.safetensors"))
+    model, _, _, _ = quantized_skeleton(directory, qc, shards, dtype, "cpu")
+    model.tie_weights()
+    return model, SafetensorsSource(directory, model)
+
+
+@torch.no_grad()
+def streamed_probe_logits(directory: Path, format_name: str, probe_ids: torch.Tensor,
+                          blocks: list[str]) -> torch.Tensor:
+    """The probe through the saved model one block at a time, in float32 (blocks are upcast as they
+    come; the embeddings and head stay in the checkpoint's dtype): memory about two blocks."""
+    from .model.capture import block_forward, capture_block_inputs, float32_hidden, inputs_after_blocks
+
+    model, source = _streamed(directory, format_name)
+    model.eval()
+    source.materialize_outside(model, blocks)
+    source.materialize(model, blocks[0])
+    out_len = capture_block_inputs(model, blocks, probe_ids[:1], 1, "cpu").output_len  # block 0 runs as stored
+    with float32_hidden(model):
+        cap = capture_block_inputs(model, blocks, probe_ids, probe_ids.shape[0], "cpu", output_len=out_len)
+    h = cap.hidden
+    for name in blocks:
+        source.materialize(model, name)
+        blk = model.get_submodule(name)
+        blk.float()
+        h = block_forward(blk, h, cap.kwargs[name]).float()
+        source.release(model, name)
+        del blk
+        release_memory()  # give the block's pages back before the next one
+    head = model.get_output_embeddings()
+    with float32_hidden(model):
+        x = inputs_after_blocks(model, blocks, h, probe_ids, head, out_len, probe_ids.shape[0])
+    return head_logits(head, x)
 
 
 def check_saved(directory: Path, format_name: str, probe_ids: torch.Tensor, reference: torch.Tensor,
-                tolerance: float = TOLERANCE) -> dict[str, Any]:
+                blocks: list[str], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Load ``directory`` and compare; returns the record report.json keeps."""
     import psutil
 
-    need = estimated_load_bytes(directory, format_name)
-    free = psutil.virtual_memory().available
-    if need > 0.8 * free:
-        logger.warning("self-check of %s skipped: loading it back needs about %.1f GB, %.1f GB are free "
-                       "(--skip_self_check silences this)", format_name, need / 1e9, free / 1e9)
-        return {"format": format_name, "status": "skipped", "reason": "not enough free memory to load it back"}
     try:
-        model = load_saved(directory, format_name)
-        logits = probe_logits(model, probe_ids)
+        if format_name.startswith("gguf:"):  # one file that transformers loads whole
+            need = estimated_load_bytes(directory, format_name)
+            free = psutil.virtual_memory().available
+            if need > 0.8 * free:
+                logger.warning("self-check of %s skipped: loading it back needs about %.1f GB, %.1f GB are free "
+                               "(--skip_self_check silences this)", format_name, need / 1e9, free / 1e9)
+                return {"format": format_name, "status": "skipped", "reason": "not enough free memory to load it"}
+            logits = probe_logits(load_saved(directory, format_name), probe_ids)
+        else:
+            logits = streamed_probe_logits(directory, format_name, probe_ids, blocks)
     except Exception as e:  # noqa: BLE001 - any failure to load or run is the finding
         logger.error("self-check of %s: the saved files do not load or run: %s", format_name, e)
         return {"format": format_name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-    del model
     if logits.shape != reference.shape:
         return {"format": format_name, "status": "failed",
                 "error": f"logits shape {tuple(logits.shape)} differs from the reference's {tuple(reference.shape)}"}

@@ -1,5 +1,6 @@
 """Evaluation from the CLI: perplexity of local files, lm-eval tasks, quantize-then-evaluate."""
 
+import math
 import json
 import subprocess
 import sys
@@ -34,9 +35,14 @@ def test_eval_ppl_matches_direct_computation(stories_dir, text_file, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res.json").read_text())["results"]["ppl:shakes.txt"]
     assert res["windows"] == 6 and res["tokens"] == 6 * 127
-    model, tok = load_for_eval(str(stories_dir), device="cpu")
-    ref = perplexity(model, tok, read_text(text_file), seqlen=128, n_windows=6)
-    assert res["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    # independently: transformers' own loss (mean NLL of each window's shifted tokens) on the same windows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(stories_dir))(read_text(text_file), return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        losses = [model(ids[i * 128:(i + 1) * 128][None], labels=ids[i * 128:(i + 1) * 128][None]).loss for i in range(6)]
+    assert res["ppl"] == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
     assert "| ppl:shakes.txt | ppl |" in r.stdout
 
 

@@ -57,19 +57,48 @@ def test_quantized_lm_head_is_tuned(stories_dir):
     ar = AutoRound(str(stories_dir), scheme="W4A16", group_size=32, iters=10, quant_lm_head=True, **SMALL)
     ar.quantize()
     s = ar.result.block_stats["lm_head"]
-    assert s["loss_final"] <= s["loss_rtn"] and s["iters_run"] == 10
+    assert s["loss_final"] < s["loss_rtn"] and s["iters_run"] == 10
     assert "lm_head" in ar.result.qparams
 
 
-def test_options_change_behaviour(stories_dir):
-    base = dict(scheme="W2A16G32", iters=10, **SMALL)
-    no_minmax = AutoRound(str(stories_dir), enable_minmax_tuning=False, **base)
-    no_minmax.quantize()
-    fp_in = AutoRound(str(stories_dir), enable_quanted_input=False, **base)
-    fp_in.quantize()
-    a = no_minmax.result.block_stats["model.layers.4"]["loss_final"]
-    b = fp_in.result.block_stats["model.layers.4"]["loss_final"]
-    assert a != b
+def test_minmax_tuning_and_quanted_input_options_do_what_they_say(stories_dir, monkeypatch):
+    """--disable_minmax_tuning: the clipping scales never move from their start (only the rounding
+    is tuned); --disable_quanted_input: each block is tuned on the fp chain's inputs."""
+    from signround.tune import pipeline, signround
+
+    steps = []
+    real_step = signround.TunableLayer.signed_step
+
+    def spy_step(self, lr, minmax_lr):
+        steps.append((self.v.grad is not None, self.min_scale.grad is not None, self.max_scale.grad is not None))
+        return real_step(self, lr, minmax_lr)
+
+    monkeypatch.setattr(signround.TunableLayer, "signed_step", spy_step)
+    base = dict(scheme="W2A16G32", iters=4, **SMALL)
+    AutoRound(str(stories_dir), enable_minmax_tuning=False, **base).quantize()
+    assert steps and all(v and not mn and not mx for v, mn, mx in steps)
+    steps.clear()
+    AutoRound(str(stories_dir), **base).quantize()
+    assert steps and all(v and mn and mx for v, mn, mx in steps)
+
+    seen = []
+    real_unit = pipeline._quantize_unit
+
+    def spy_unit(unit, layers, run, x_q, target, *a, **k):
+        seen.append(x_q.clone())
+        return real_unit(unit, layers, run, x_q, target, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_quantize_unit", spy_unit)
+    fp_chain = []
+    real_batched = pipeline._batched
+    monkeypatch.setattr(pipeline, "_batched", lambda *a, **k: fp_chain.append(real_batched(*a, **k)) or fp_chain[-1])
+    AutoRound(str(stories_dir), enable_quanted_input=False, **base).quantize()
+    # block k is tuned on exactly the fp outputs of block k-1
+    assert all(torch.equal(seen[k], fp_chain[k - 1]) for k in range(1, len(seen)))
+    seen.clear()
+    fp_chain.clear()
+    AutoRound(str(stories_dir), **base).quantize()
+    assert not torch.equal(seen[1], fp_chain[0])  # the quantized chain differs from the fp one
 
 
 def test_recipes_and_bad_options(stories_dir):

@@ -35,6 +35,16 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     r, c = codes.shape
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
+    if 32 % bits == 0:  # 2/4/8 bits: whole values per word, one shift per position in the word
+        per = 32 // bits
+        rp = math.ceil(r / per) * per
+        x = torch.zeros(rp, c, dtype=torch.int64, device=codes.device)
+        x[:r] = codes.to(torch.int64)
+        x = x.view(rp // per, per, c)
+        out = x[:, 0].clone()
+        for k in range(1, per):
+            out |= x[:, k] << (k * bits)
+        return _to_int32(out)
     rp = math.ceil(r / 32) * 32  # 32 values always fill a whole number of words
     x = torch.zeros(rp, c, dtype=torch.int64, device=codes.device)
     x[:r] = codes.to(torch.int64)

@@ -139,6 +139,31 @@ def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], de
     return model
 
 
+def quantized_skeleton(p: Path, qc: dict[str, Any], shards: list[Path], dtype: torch.dtype | None,
+                       device: str | torch.device) -> tuple[nn.Module, torch.dtype, dict[str, QuantSpec], str]:
+    """The architecture of a packed checkpoint on the meta device, its quantized layers already
+    QuantLinear (buffers on meta too): (model, compute dtype, layer specs, packing)."""
+    packing, default = _format_of(qc, p)
+    keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
+    quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
+    model, dtype = _empty_model(p, dtype, device)
+    specs = _layer_specs(qc, default, quantized)
+    modules = dict(model.named_modules())
+    for name, spec in specs.items():
+        mod = modules.get(name)
+        if not isinstance(mod, QUANTIZABLE_TYPES):
+            raise ModelError(f"{p}: {name}.qweight has no Linear layer to go with in this architecture")
+        if not spec.quantized:
+            raise ModelError(f"{p}: {name} holds packed weights but its config entry says bits={spec.bits}")
+        in_f, out_f = in_out_features(mod)
+        set_module(
+            model, name,
+            QuantLinear(in_f, out_f, spec.bits, spec.group_size, packing, bias=mod.bias is not None, dtype=dtype,
+                        device="meta"),
+        )
+    return model, dtype, specs, packing
+
+
 def load_quantized(
     path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"
 ) -> nn.Module:
@@ -163,35 +188,20 @@ def load_quantized(
     shards = sorted(p.glob("*.safetensors"))
     if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
         return _load_compressed_tensors(p, qc, shards, device, dtype)
-    packing, default = _format_of(qc, p)
-    keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
-    quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
-    model, dtype = _empty_model(p, dtype, device)
-
-    specs = _layer_specs(qc, default, quantized)
-    modules = dict(model.named_modules())
-    for name, spec in specs.items():
-        mod = modules.get(name)
-        if not isinstance(mod, QUANTIZABLE_TYPES):
-            raise ModelError(f"{p}: {name}.qweight has no Linear layer to go with in this architecture")
-        if not spec.quantized:
-            raise ModelError(f"{p}: {name} holds packed weights but its config entry says bits={spec.bits}")
-        in_f, out_f = in_out_features(mod)
-        set_module(
-            model, name,
-            QuantLinear(in_f, out_f, spec.bits, spec.group_size, packing, bias=mod.bias is not None, dtype=dtype, device="cpu"),
-        )
-
+    model, dtype, specs, packing = quantized_skeleton(p, qc, shards, dtype, device)
     expected = set(model.state_dict().keys())
     for shard in shards:
-        sd = load_file(str(shard))
-        unknown = {k for k in set(sd) - expected if not k.endswith(".g_idx")}
-        if unknown:
-            raise ModelError(f"{shard.name} holds tensors this model has no place for: {sorted(unknown)[:5]}")
-        # assign=True keeps the file's dtype; float tensors (except fp16 scales) follow the requested dtype
-        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
-              for k, v in sd.items() if k in expected}
-        model.load_state_dict(sd, strict=False, assign=True)
+        with safe_open(str(shard), "pt") as f:
+            unknown = {k for k in set(f.keys()) - expected if not k.endswith(".g_idx")}
+            if unknown:
+                raise ModelError(f"{shard.name} holds tensors this model has no place for: {sorted(unknown)[:5]}")
+            for k in f.keys():  # one tensor at a time: memory stays the model's size
+                if k not in expected:
+                    continue
+                v = f.get_tensor(k)
+                # assign=True keeps the file's dtype; float tensors (except fp16 scales) follow the requested dtype
+                v = v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
+                model.load_state_dict({k: v}, strict=False, assign=True)
     model = _finish(model, p, qc, device)
     try:
         assign_backends(model, device, backend)

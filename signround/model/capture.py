@@ -10,6 +10,7 @@ single-sample arguments broadcast over any batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, NamedTuple
 
@@ -64,6 +65,19 @@ class Captured(NamedTuple):
     output_len: int | None  # blocks return a tensor (None) or a tuple of this length
 
 
+@contextlib.contextmanager
+def float32_hidden(model: nn.Module):
+    """Inside, the input embedding's output is float32, so what the model derives from the hidden
+    states before its blocks (rotary tables, masks) and after them (final norm) is float32 too:
+    the self-check's reference must not carry a half-precision model's rounding."""
+    emb = model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda _m, _a, out: out.float())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -71,9 +85,14 @@ def capture_block_inputs(
     input_ids: torch.Tensor,
     batch_size: int,
     store_device: torch.device | str = "cpu",
+    output_len: int | None | bool = False,
 ) -> Captured:
     """Hidden states entering block 0 as float32 ``[N, L, H]``, per-block keyword arguments, and
-    the shape of a block's output (needed to run the model's tail from stored hidden states)."""
+    the shape of a block's output (needed to run the model's tail from stored hidden states).
+
+    ``output_len`` known (None: blocks return a tensor; n: a tuple of n): no block runs at all,
+    every one passes its input through while the arguments are recorded; ``False``: the first
+    block runs once on one sample to find out."""
     device = _model_device(model)
     first = get_module(model, block_names[0])
     chunks: list[torch.Tensor] = []
@@ -92,6 +111,9 @@ def capture_block_inputs(
     finally:
         handle.remove()
 
+    if output_len is not False:
+        kwargs = _block_kwargs(model, block_names, input_ids[:1].to(device), store_device, output_len=output_len)
+        return Captured(torch.cat(chunks), kwargs, output_len)
     out_len: list[int | None] = []
     handle = first.register_forward_hook(
         lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
@@ -104,7 +126,7 @@ def capture_block_inputs(
 
 def _block_kwargs(
     model: nn.Module, block_names: list[str], sample: torch.Tensor, store_device: torch.device | str,
-    shortcut: bool = True,
+    shortcut: bool = True, output_len: int | None | bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Each block's arguments besides the hidden states, from one forward of ``sample``: keywords,
     and positional ones under :data:`POSITIONAL`.
@@ -116,7 +138,8 @@ def _block_kwargs(
     Arguments computed from hidden states would differ, but they could not serve a batch of other
     samples either (captured arguments are broadcast), so the pipeline assumes none. A model whose
     loop fails on passed-through outputs gets the full forward instead."""
-    out_like: list[Any] = []
+    known = output_len is not False  # every block passes through, block 0 included
+    out_like: list[Any] = [None if output_len is None else (None,) * output_len] if known else []
     recorded: dict[str, dict[str, Any]] = {}
 
     def record(name: str, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -146,7 +169,7 @@ def _block_kwargs(
                     raise _StopForward
 
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            if fast and i == 0:
+            if fast and i == 0 and not known:
                 handles.append(block.register_forward_hook(lambda _m, _a, out: out_like.append(out)))
             elif fast:
                 patched.append((block, block.__dict__.get("forward")))  # accelerate keeps its hook there
@@ -165,7 +188,10 @@ def _block_kwargs(
                     block.forward = own
 
     with torch.no_grad():
-        fast = shortcut and len(block_names) > 1
+        fast = shortcut and (len(block_names) > 1 or known)
+        if fast and known:
+            run(fast=True)  # no block computes: nothing to fall back from
+            return recorded
         if fast:
             try:
                 run(fast=True)

@@ -202,6 +202,15 @@ class SafetensorsSource(WeightSource):
         inside = tuple(b + "." for b in blocks)
         self._materialize_names(n for n in self.aliases if not n.startswith(inside))
 
+    def release_outside(self, model: nn.Module, blocks: list[str]) -> None:
+        """Drop the embeddings, final norm and head too (the run is over)."""
+        inside = tuple(b + "." for b in blocks)
+        for name in [n for n in self.aliases if not n.startswith(inside)]:
+            mod, leaf = self.aliases[name][0]
+            t = getattr(mod, leaf)
+            if name in self.index and not t.is_meta:
+                self._set(name, torch.empty_like(t, device="meta"))
+
     def release(self, model: nn.Module, prefix: str) -> None:
         for name in self._names_under(prefix):
             mod, leaf = self.aliases[name][0]
@@ -249,7 +258,8 @@ def _renamer(model: nn.Module, aliases: dict):
 
 def _ignorable(key: str) -> bool:
     # buffers older checkpoints carry that current modules compute (rotary tables, causal masks)
-    return key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".masked_bias"))
+    # (and GPTQ's g_idx, which QuantLinear derives from the group size)
+    return key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".masked_bias", ".g_idx"))
 
 
 class StreamingUnsupported(Exception):

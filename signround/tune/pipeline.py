@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..devices import DeviceMap, cpu_has_native_bf16
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
-from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, inputs_after_blocks
-from ..model.layers import Conv1D, get_module, get_weight
+from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks
+from ..model.layers import QUANTIZABLE_TYPES, Conv1D, get_module, get_weight
 from ..model.source import InMemorySource, WeightSource
 from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
@@ -48,7 +48,9 @@ class QuantResult:
     block_stats: dict[str, dict] = field(default_factory=dict)
     # layers whose in-memory weight was released after tuning (meta now), and its device
     released: dict[str, torch.device] = field(default_factory=dict)
-    probe_logits: torch.Tensor | None = None  # the quantized model's logits on the probe batch
+    # the quantized model's logits on the probe batch: "exact" (the tuned qdq values) and, when asked,
+    # "stored" (weights rounded to the model's dtype, as the fake format keeps them)
+    probe_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     cache_bytes: int = 0  # the activation cache (both chains and a block's outputs)
     resumed_from: int = 0  # blocks already done by an interrupted run
 
@@ -64,7 +66,7 @@ class ResumePoint:
     blocks_done: int
     x_fp: torch.Tensor | None
     x_q: torch.Tensor | None
-    probe: torch.Tensor | None
+    probes: dict[str, torch.Tensor]
     generator_state: torch.Tensor
     block_stats: dict[str, dict]
 
@@ -198,6 +200,7 @@ def quantize_model(
     keep_weights: bool = True,
     probe_ids: torch.Tensor | None = None,
     checkpoint: Checkpointer | None = None,
+    probe_stored: bool = False,
     show_progress: bool = True,
 ) -> QuantResult:
     """Quantize every block in order, then the layers outside blocks (lm_head).
@@ -206,7 +209,8 @@ def quantize_model(
     done; with a sink, block QParams are not kept (they are in the sink's files). ``keep_weights``
     False (in-memory models): tuned weights are released after the sink took them, restored from
     QParams by :func:`restore_weights`. ``probe_ids``: a small batch carried through the quantized
-    chain; its logits (``result.probe_logits``) are the reference for checking saved files.
+    chain; its logits (``result.probe_logits``) are the reference for checking saved files
+    (``probe_stored``: also with the weights rounded to the model's dtype, what ``fake`` stores).
     ``checkpoint``: resume state, read before the loop and written after each block.
     """
     source = source or InMemorySource()
@@ -247,14 +251,22 @@ def quantize_model(
             # W2G64, 5 iters: peak RSS 1115 -> 953 MiB)
             drop_file_pages([p.data for p in model.parameters() if not p.is_meta], still_used=set(), live=True)
     quantize_ggml_extras(model, plan, result)  # weights only; the probe sees them as the file stores them
-    probe_h, probe_kwargs = None, {}
+    probes: dict[str, torch.Tensor] = {}  # "exact": tuned qdq values; "stored": rounded to the model's dtype
+    probe_kwargs: dict[str, Any] = {}
     if probe_ids is not None:
-        pcap = capture_block_inputs(model, blocks, probe_ids, probe_ids.shape[0], "cpu")
-        probe_h, probe_kwargs, out_len = pcap.hidden, pcap.kwargs, pcap.output_len
+        if not calibrated:  # the blocks' output structure, from block 0 on one probe sample
+            out_len = capture_block_inputs(model, blocks, probe_ids[:1], 1, "cpu").output_len
+        with float32_hidden(model):  # the reference in float32 end to end (rotary tables, masks, norms)
+            pcap = capture_block_inputs(model, blocks, probe_ids, probe_ids.shape[0], "cpu", output_len=out_len)
+        probe_kwargs = pcap.kwargs
+        probes["exact"] = pcap.hidden
+        if probe_stored and next(p.dtype for p in model.parameters() if p.is_floating_point()) != torch.float32:
+            probes["stored"] = pcap.hidden.clone()
     start = 0
     if point is not None:
         start = point.blocks_done
-        x_fp, x_q, probe_h = point.x_fp, point.x_q, point.probe if point.probe is not None else probe_h
+        x_fp, x_q = point.x_fp, point.x_q
+        probes.update({k: v for k, v in point.probes.items() if k in probes})
         gen.set_state(point.generator_state)
         result.block_stats.update(point.block_stats)
         result.resumed_from = start
@@ -301,12 +313,17 @@ def quantize_model(
                 x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
             x_fp = y_fp
         else:
+            hooks = place_block(blk, devmap, orig_dtype)  # on the tuning device, in its own dtype
             with torch.no_grad():
                 qparams = {n: rtn_layer(get_module(model, n), plan.specs[n]) for n in names}
-        if probe_h is not None:
-            if not calibrated:
-                hooks = place_block(blk, devmap, torch.float32)
-            probe_h = _probe_forward(blk, probe_h, probe_kwargs[block_name], device)
+        prefix = block_name + "."
+        for kind in list(probes):
+            # "exact": each quantized layer's weight dequantized from its QParams (what the packed
+            # formats hold); "stored": the weights as the model's dtype keeps them (fake)
+            exact = {n[len(prefix):]: qparams[n] for n in names} if kind == "exact" else {}
+            if kind == "stored" and calibrated:
+                blk.to(dtype=orig_dtype)  # the tuned block is float32; round as the saved weights are
+            probes[kind] = _probe_forward(blk, probes[kind], probe_kwargs[block_name], device, exact)
         for h in hooks:
             h.remove()
         hooks = []
@@ -331,7 +348,7 @@ def quantize_model(
             drop_file_pages(old_weights, in_use)
         del old_weights
         if checkpoint is not None:
-            checkpoint.save(ResumePoint(index + 1, x_fp, x_q, probe_h, gen.get_state(), dict(result.block_stats)))
+            checkpoint.save(ResumePoint(index + 1, x_fp, x_q, dict(probes), gen.get_state(), dict(result.block_stats)))
         bar.update(1)
         release_memory(freeze=True)  # what survives a block (model, caches) lives to the end
     bar.close()
@@ -347,10 +364,11 @@ def quantize_model(
         stats = res.stats.as_dict()
         stats["seconds"] = round(time.time() - t0, 3)
         result.block_stats[name] = stats
-    if probe_h is not None:
-        head = model.get_output_embeddings()
-        x = inputs_after_blocks(model, blocks, probe_h, probe_ids, head, out_len, probe_ids.shape[0])
-        result.probe_logits = head_logits(head, x)
+    head = model.get_output_embeddings()
+    for kind, h in probes.items():
+        with float32_hidden(model):
+            x = inputs_after_blocks(model, blocks, h, probe_ids, head, out_len, probe_ids.shape[0])
+        result.probe_logits[kind] = head_logits(head, x)
     return result
 
 
@@ -368,9 +386,37 @@ def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
 
 
 @torch.no_grad()
-def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """The probe through a finished block (placed in float32), without autocast: the self-check's reference."""
-    return block_forward(blk, h.to(device), cast_kwargs(kwargs, device, torch.float32)).float().cpu()
+@torch.no_grad()
+def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
+                   exact: dict[str, QParams]) -> torch.Tensor:
+    """The probe through a finished block in float32 without autocast: the self-check's reference.
+
+    The block stays in its dtype: each Linear computes from a float32 weight made when it is
+    called (dequantized from ``exact`` QParams where given, else its own weight upcast), and the
+    other parameters (norms) are upcast for the call, so only one layer's float32 weight exists
+    at a time."""
+    restore: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for rel, mod in blk.named_modules():
+        if isinstance(mod, QUANTIZABLE_TYPES):
+            def fwd(x, mod=mod, qp=exact.get(rel)):
+                w = qp.dequantize(torch.float32).to(x.device) if qp is not None else get_weight(mod).float()
+                return F.linear(x.float(), w, None if mod.bias is None else mod.bias.float())
+
+            mod.forward = fwd
+            restore.append((mod, "forward", None))
+        else:
+            for leaf, p in list(mod._parameters.items()):
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                    restore.append((mod, leaf, p))
+                    mod._parameters[leaf] = nn.Parameter(p.detach().float(), requires_grad=False)
+    try:
+        return block_forward(blk, h.to(device), cast_kwargs(kwargs, device, torch.float32)).float().cpu()
+    finally:
+        for mod, leaf, p in restore:
+            if leaf == "forward":
+                del mod.forward
+            else:
+                mod._parameters[leaf] = p
 
 
 def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False,
