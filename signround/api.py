@@ -31,6 +31,7 @@ from .calib import DEFAULT_DATASET, build_calibration
 from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
 from .devices import parse_device_map
+from .model.hub import resolve_model
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
 from .memory import release_memory
 from .model.source import InMemorySource, WeightSource
@@ -55,7 +56,9 @@ class AutoRound:
     preset name (``W4A16``, ``W2A16G64``, ...) that ``bits`` / ``group_size`` / ``sym`` override.
     ``layer_config`` maps exact layer names, substrings or regexes to a preset name or a dict of
     overrides (``{"bits": 16}`` keeps a layer in full precision). ``low_cpu_mem_usage`` (default)
-    streams a local safetensors checkpoint block by block instead of loading it whole.
+    streams a local safetensors checkpoint block by block instead of loading it whole. A Hub id is
+    downloaded into the Hugging Face cache (``platform="model_scope"``: ModelScope), or resolved from
+    the cache when ``HF_HUB_OFFLINE=1``.
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class AutoRound:
         dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
         low_cpu_mem_usage: bool = True,
+        platform: str | None = None,
+        revision: str | None = None,
         seed: int = 42,
     ):
         self.start_time = time.time()
@@ -126,6 +131,8 @@ class AutoRound:
         # 2. everything that needs no weights is checked first: devices, the checkpoint's files,
         #    config, tokenizer and calibration data (a mistake costs seconds, not a model load)
         self.devmap = parse_device_map(device_map)
+        if not isinstance(model, nn.Module):  # a Hub id: downloaded, or found in the cache offline
+            model = resolve_model(model, revision, {"model_scope": "modelscope"}.get(platform or "", platform))
         self._config = load_config(model, trust_remote_code)
         self._check_seqlen()
         self.tokenizer = tokenizer

@@ -56,7 +56,14 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p = argparse.ArgumentParser(prog=prog, description="Quantize a Hugging Face causal LM with SignRound.")
     p.add_argument("--recipe", default=recipe, choices=list(RECIPES),
                    help=describe_recipes())
-    p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
+    p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="model directory or Hugging Face Hub id (or --model)")
+    p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", default=None,
+                   help="model directory or Hugging Face Hub id (downloaded into the HF cache; from the cache alone "
+                        "with HF_HUB_OFFLINE=1)")
+    p.add_argument("--platform", "--model_source", dest="model_source", default=None, choices=["hf", "model_scope",
+                   "modelscope", "huggingface"], help="where Hub ids come from (default hf; AR_USE_MODELSCOPE=1)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub id")
     p.add_argument("--scheme", default=None,
                    help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "
                         "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC, GGUF:Q4_K_M ... (default W4A16, or the "
@@ -64,24 +71,32 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
     p.add_argument("--group_size", type=int, default=None, help="override the group size (-1: per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero point)")
-    p.add_argument("--data_type", default=None, help="weight data type: int, mx_fp, nv_fp, fp")
+    p.add_argument("--data_type", "--dtype", dest="data_type", default=None,
+                   help="weight data type: int, mx_fp, nv_fp, fp (upstream's --dtype means this too)")
     p.add_argument("--act_bits", type=int, default=None, help="activation bits (16: weights only)")
-    p.add_argument("--act_data_type", default=None, help="activation data type: mx_fp, nv_fp, fp")
+    p.add_argument("--act_data_type", "--act_dtype", dest="act_data_type", default=None,
+                   help="activation data type: mx_fp, nv_fp, fp, int")
     p.add_argument("--act_group_size", type=int, default=None, help="activation group size (0: per tensor)")
     p.add_argument("--act_dynamic", default=None, type=_bool, help="activation scales per call (True) or static")
+    p.add_argument("--disable_act_dynamic", action="store_true", help="static activation scales (= --act_dynamic False)")
     p.add_argument("--layer_config", default=None,
                    help='JSON (or a path to a JSON file): {"name|regex|substring": "W8A16" or {"bits": 8}}')
-    p.add_argument("--ignore_layers", default=None, help="comma-separated names/patterns kept in full precision")
+    p.add_argument("--ignore_layers", "--fp_layers", dest="ignore_layers", default=None,
+                   help="comma-separated names/patterns kept in full precision")
     p.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
     p.add_argument("--to_quant_block_names", default=None, help="override block discovery, e.g. model.layers")
-    p.add_argument("--iters", type=int, default=None, help="tuning iterations per block (default 200; 0: RTN)")
-    p.add_argument("--disable_opt_rtn", action="store_true", help="with --iters 0: plain round-to-nearest")
+    p.add_argument("--iters", "--iter", dest="iters", type=int, default=None,
+                   help="tuning iterations per block (default 200; 0: RTN)")
+    p.add_argument("--disable_opt_rtn", "--disable-opt-rtn", dest="disable_opt_rtn",
+                   action=argparse.BooleanOptionalAction, default=None, help="with --iters 0: plain round-to-nearest")
     p.add_argument("--dataset", default=None,
                    help="calibration data: a.json,b.txt,org/name:num=256:concat=True:apply_chat_template "
                         "(default: the built-in offline corpus)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sample (default 2048)")
-    p.add_argument("--batch_size", "--train_bs", dest="batch_size", type=int, default=None, help="default 8")
+    p.add_argument("--nsamples", "--nsample", dest="nsamples", type=int, default=None,
+                   help="calibration samples (default 128)")
+    p.add_argument("--seqlen", "--seq_len", dest="seqlen", type=int, default=None,
+                   help="tokens per calibration sample (default 2048)")
+    p.add_argument("--batch_size", "--train_bs", "--bs", dest="batch_size", type=int, default=None, help="default 8")
     p.add_argument("--gradient_accumulate_steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="rounding lr (default 1/iters)")
     p.add_argument("--minmax_lr", type=float, default=None, help="clipping lr (default lr)")
@@ -96,13 +111,18 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                    help="tune in fp32 instead of bf16 autocast (used on GPUs and CPUs with native bf16)")
     p.add_argument("--enable_torch_compile", action="store_true", help="(default) compile the qdq kernels")
     p.add_argument("--disable_torch_compile", action="store_true", help="eager qdq (no C++ compiler needed)")
-    p.add_argument("--device_map", default=None, help="cpu, cuda, auto or an accelerate device map")
-    p.add_argument("--dtype", default="auto", help="dtype to load the model in (auto, float32, float16, bfloat16)")
-    p.add_argument("--format", default="auto_round",
+    p.add_argument("--device_map", "--device", "--devices", dest="device_map", default=None,
+                   help="where tuning runs: cpu, 0 (GPU 0), cuda:1, 0,1,2 (a block spread over GPUs), auto "
+                        "(every GPU, else the CPU; the default)")
+    p.add_argument("--model_dtype", default="auto",
+                   help="dtype to load the model in (auto, float32, float16, bfloat16)")
+    p.add_argument("--format", "--formats", dest="format", default="auto_round",
                    help="auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:TYPE (q4_0, q4_1, q5_0, q5_1, "
                         "q8_0, q2_k, q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k); comma-separated for several "
                         "(one subdirectory each)")
-    p.add_argument("--output_dir", required=True, help="the model is written to exactly this directory")
+    p.add_argument("--output_dir", default=None,
+                   help="the model is written to exactly this directory (default: ./tmp_autoround/NAME-w4g128, "
+                        "named as upstream names it)")
     p.add_argument("--max_shard_size", default=None, help="largest safetensors shard, e.g. 5GB (default) or 500MB")
     p.add_argument("--disable_low_cpu_mem_usage", action="store_true",
                    help="load the whole model instead of streaming it block by block from its safetensors")
@@ -114,35 +134,98 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                    help="do not load the saved files back to compare their logits with the quantized model")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--disable_trust_remote_code", action="store_true",
+                   help="(the default here: remote code runs only with --trust_remote_code)")
+    p.add_argument("--low_cpu_mem_usage", action="store_true", help="(the default here: weights are streamed)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    _add_unsupported(p)
     _add_eval_args(p, required=False)
     return p
 
 
+# upstream flags this version does not offer, and what to do instead (see docs/compatibility.md)
+UNSUPPORTED = {
+    "--avg_bits": "AutoScheme (mixed schemes at a bit budget) is not implemented yet; set per-layer schemes "
+                  "with --layer_config",
+    "--target_bits": "AutoScheme is not implemented yet; set per-layer schemes with --layer_config",
+    "--options": "AutoScheme is not implemented yet; set per-layer schemes with --layer_config",
+    "--ignore_scale_zp_bits": "AutoScheme is not implemented yet",
+    "--shared_layers": "AutoScheme is not implemented yet",
+    "--enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
+    "--mllm": "vision-language models are not supported yet; quantize the language model's checkpoint",
+    "--quant_nontext_module": "vision-language models are not supported yet",
+    "--extra_data_dir": "vision-language models are not supported yet",
+    "--template": "vision-language models are not supported yet",
+    "--prompt_file": "signround quantizes causal language models; diffusion models are not supported",
+    "--prompt": "signround quantizes causal language models; diffusion models are not supported",
+    "--metrics": "signround quantizes causal language models; diffusion models are not supported",
+    "--image_save_dir": "signround quantizes causal language models; diffusion models are not supported",
+    "--guidance_scale": "signround quantizes causal language models; diffusion models are not supported",
+    "--num_inference_steps": "signround quantizes causal language models; diffusion models are not supported",
+    "--generator_seed": "signround quantizes causal language models; diffusion models are not supported",
+    "--super_group_size": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
+    "--super_bits": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
+}
+
+
+class _Unsupported(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {UNSUPPORTED[option_string]}")
+
+
+def _add_unsupported(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("upstream options not offered here (each says what to use)")
+    for flag in UNSUPPORTED:
+        g.add_argument(flag, nargs="*", action=_Unsupported, help=argparse.SUPPRESS)
+
+
+# upstream's default task list (``--tasks`` with no value, or ``--eval`` without ``--tasks``)
+DEFAULT_TASKS = ("lambada_openai,hellaswag,winogrande,piqa,mmlu,wikitext,truthfulqa_mc1,openbookqa,boolq,"
+                 "arc_easy,arc_challenge")
+
+
+def _limit(text: str) -> float:
+    """Examples per task / perplexity windows (an integer), or a fraction 0 < N < 1 of them."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if v <= 0 or (v >= 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a fraction between 0 and 1, got {text!r}")
+    return int(v) if v >= 1 else v
+
+
 def _add_eval_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("evaluation" + ("" if required else " (after quantizing, of the saved model)"))
-    g.add_argument("--tasks", required=required, default=None,
-                   help="comma-separated: ppl:PATH (perplexity of a local text file) and/or lm-eval task names")
+    g.add_argument("--tasks", "--task", dest="tasks", nargs="?", const=DEFAULT_TASKS, default=None,
+                   help="comma-separated: ppl:PATH (perplexity of a local text file) and/or lm-eval task names; "
+                        "without a value, upstream's default set (tasks whose data cannot be reached are skipped)")
     g.add_argument("--eval_bs", type=int, default=4, help="evaluation batch size")
-    g.add_argument("--limit", type=_positive, default=None,
-                   help="perplexity windows per file / examples per lm-eval task (default: all)")
+    g.add_argument("--limit", type=_limit, default=None,
+                   help="perplexity windows per file / examples per lm-eval task, or a fraction (default: all)")
     g.add_argument("--eval_seqlen", type=_positive, default=512, help="perplexity window length in tokens")
     g.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     g.add_argument("--eval_backend", default="auto", choices=_backend_names(),
                    help="QuantLinear backend for quantized models")
     g.add_argument("--eval_model_dtype", default=None,
                    help="dtype to evaluate in (default: by device; float32 on CPUs without native bf16/fp16)")
+    g.add_argument("--eval_task_by_task", action="store_true", help="run lm-eval tasks one at a time")
+    g.add_argument("--add_bos_token", action="store_true", help="prepend BOS in lm-eval requests")
     g.add_argument("--eval_json", default=None,
                    help="where to save results (default: eval_results.json in the output directory, or ./)")
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="signround eval", description="Evaluate an fp or quantized model directory.")
-    p.add_argument("--model", "--model_name", dest="model", required=True, help="local model directory")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="model directory or Hub id")
+    p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", default=None,
+                   help="model directory or Hub id")
+    p.add_argument("--device", "--device_map", "--devices", dest="device", default=None,
+                   help="cpu, cuda, cuda:N or N (default: cuda when available)")
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--disable_trust_remote_code", action="store_true", help="(the default here)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    _add_eval_args(p, required=True)
+    _add_eval_args(p, required=False)
     return p
 
 
@@ -158,10 +241,15 @@ def run_eval(args: argparse.Namespace, model_dir: str, default_json: Path, tasks
         tok = load_tokenizer(path, args.trust_remote_code)
         if tok is not None:
             check_windows(tasks, tok, args.eval_seqlen)
-    model, tok = load_for_eval(model_dir, getattr(args, "device", None), args.eval_backend, args.trust_remote_code,
-                               args.eval_model_dtype)
+    device = getattr(args, "device", None)
+    if device is not None:
+        from .devices import parse_device_map
+
+        device = str(parse_device_map(device).primary)
+    model, tok = load_for_eval(model_dir, device, args.eval_backend, args.trust_remote_code, args.eval_model_dtype)
     results = evaluate(model, tok, tasks, batch_size=args.eval_bs, limit=args.limit, seqlen=args.eval_seqlen,
-                       include_path=args.include_path)
+                       include_path=args.include_path, task_by_task=args.eval_task_by_task,
+                       add_bos_token=args.add_bos_token, skip_unreachable=args.tasks == DEFAULT_TASKS)
     print(results_table(results))
     out = save_results(results, args.eval_json or default_json, model_dir)
     logger.info("evaluation results saved to %s", out)
@@ -184,13 +272,35 @@ def _parse_layer_config(value: str | None) -> dict[str, Any] | None:
     return cfg
 
 
+def _source(platform: str | None) -> str | None:
+    return {"model_scope": "modelscope", "huggingface": "hf"}.get(platform, platform)
+
+
+def _default_output_dir(args: argparse.Namespace) -> str:
+    """Upstream's naming: ./tmp_autoround/NAME-w{bits}g{group} (NAME-gguf for GGUF)."""
+    from .schemes import resolve_scheme
+
+    name = Path(str(args.model).rstrip("/")).name
+    if all(f.strip().lower().startswith("gguf:") for f in args.format.split(",")):
+        return str(Path("tmp_autoround") / f"{name}-gguf")
+    spec = resolve_scheme(args.scheme or _default_scheme(args.format), args.bits, args.group_size)
+    return str(Path("tmp_autoround") / f"{name}-w{spec.bits}g{spec.group_size}")
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     from . import export
     from .api import AutoRound
 
+    from .model.hub import resolve_model
+
     # Cheap checks first: nothing is loaded before the output target, format and tasks are known good.
     exporters = export.get_exporters(args.format)
+    if args.output_dir is None:
+        args.output_dir = _default_output_dir(args)
     export.check_output_dir(args.output_dir)
+    if args.disable_act_dynamic:
+        args.act_dynamic = False
+    args.model = resolve_model(args.model, args.revision, _source(args.model_source))
     tasks = None
     if args.tasks:
         from .eval import check_windows, parse_tasks
@@ -236,7 +346,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         cache_dtype=args.cache_dtype,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
-        dtype=args.dtype,
+        dtype=args.model_dtype,
         trust_remote_code=args.trust_remote_code,
         low_cpu_mem_usage=not args.disable_low_cpu_mem_usage,
         seed=args.seed,
@@ -319,8 +429,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
         except SignRoundError as e:
             print(f"signround: error: {e}", file=sys.stderr)
             return 2
-    evaluating = bool(argv) and argv[0] == "eval"
-    args = build_eval_parser().parse_args(argv[1:]) if evaluating else build_parser(prog, recipe).parse_args(argv)
+    evaluating = bool(argv) and argv[0] == "eval" or "--eval" in argv  # upstream spells it both ways
+    if evaluating:
+        argv = [a for a in (argv[1:] if argv[0] == "eval" else argv) if a != "--eval"]
+    parser = build_eval_parser() if evaluating else build_parser(prog, recipe)
+    args = parser.parse_args(argv)
+    args.model = args.model or args.model_pos
+    if not args.model:
+        parser.error("give the model: signround MODEL ... or --model MODEL")
+    if evaluating and not args.tasks:
+        args.tasks = DEFAULT_TASKS
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -329,7 +447,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "signround", recipe: str
     previous = _terminate_as_exception()
     try:
         if evaluating:
-            return run_eval(args, args.model, Path("eval_results.json"))
+            from .model.hub import resolve_model
+
+            return run_eval(args, resolve_model(args.model), Path("eval_results.json"))
         return run_quantize(args)
     except SignRoundError as e:
         print(f"signround: error: {e}", file=sys.stderr)

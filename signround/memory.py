@@ -15,7 +15,8 @@ import torch
 _LIBC: list = []
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
     if not sys.platform.startswith("linux"):
         return
     if not _LIBC:
@@ -36,7 +37,7 @@ def release_memory(freeze: bool = False) -> None:
         gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _malloc_trim()
+    malloc_trim()
 
 
 @contextlib.contextmanager
@@ -111,7 +112,7 @@ def drop_file_pages(old: list[torch.Tensor], still_used: set[int], live: bool = 
     if not sys.platform.startswith("linux") or not old:
         return 0
     if not _LIBC:
-        _malloc_trim()
+        malloc_trim()
     libc = _LIBC[0]
     if libc is None or not hasattr(libc, "madvise"):
         return 0

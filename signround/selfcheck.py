@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import release_memory
+from .memory import malloc_trim
 from .model.capture import _StopForward
 from .model.source import WeightSource
 from .tune.pipeline import head_logits
@@ -172,7 +172,7 @@ def streamed_probe_logits(directory: Path, format_name: str, probe_ids: torch.Te
         h = block_forward(blk, h, cap.kwargs[name]).float()
         source.release(model, name)
         del blk
-        release_memory()  # give the block's pages back before the next one
+        malloc_trim()  # give the block's pages back before the next one
     head = model.get_output_embeddings()
     with float32_hidden(model):
         x = inputs_after_blocks(model, blocks, h, probe_ids, head, out_len, probe_ids.shape[0])

@@ -1,13 +1,18 @@
-"""The dataset spec grammar: ``a.json,b.txt,org/name:num=256:split=train+validation:concat=True``."""
+"""The dataset spec grammar: ``a.json,b.txt,org/name:num=256:split=train+validation:concat=True``.
+
+A bare word after the name is a split, as upstream writes it: ``NeelNanda/pile-10k:train``.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import CalibrationError
 
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 OPTIONS = ("num", "split", "concat", "apply_chat_template", "system_prompt")
+_SPLIT = re.compile(r"^[A-Za-z_][\w-]*(\[[^\]]*\])?(\+[A-Za-z_][\w-]*(\[[^\]]*\])?)*$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ def parse_dataset_spec(spec: str) -> list[DatasetSpec]:
             key, eq, value = opt.partition("=")
             key = key.strip()
             value = _unquote(value)
+            if not eq and key not in OPTIONS and _SPLIT.match(key):
+                key, value = "split", key  # upstream's bare split: "NeelNanda/pile-10k:train", "mbpp:train+test"
             if key not in OPTIONS:
                 raise CalibrationError(
                     f"dataset spec {item!r}: unknown option {key!r}; options are {', '.join(OPTIONS)}"

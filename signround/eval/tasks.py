@@ -75,32 +75,62 @@ def evaluate(
     limit: int | None = None,
     seqlen: int = 512,
     include_path: str | None = None,
+    task_by_task: bool = False,
+    add_bos_token: bool = False,
+    skip_unreachable: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run the tasks; returns ``{task: {metric: value, ...}}``.
 
-    ``limit``: perplexity windows per file, or examples per lm-eval task (None: all).
+    ``limit``: perplexity windows per file, or examples per lm-eval task (None: all; a fraction
+    0 < limit < 1 of them). ``skip_unreachable`` (the default task set): lm-eval tasks whose data
+    cannot be downloaded are skipped and listed, instead of failing the run.
     """
     results: dict[str, dict[str, Any]] = {}
     for t in tasks:
         if t.kind == "ppl":
-            r = perplexity(model, tokenizer, read_text(t.path), seqlen=seqlen, n_windows=limit, batch_size=batch_size)
+            text = read_text(t.path)
+            windows = limit
+            if isinstance(limit, float):  # a fraction of the windows the text holds
+                windows = max(1, int(len(tokenizer(text)["input_ids"]) // seqlen * limit))
+            r = perplexity(model, tokenizer, text, seqlen=seqlen, n_windows=windows, batch_size=batch_size)
             results[t.name] = r
             logger.info("%s: perplexity %.4f over %d tokens (%d windows of %d)", t.name, r["ppl"], r["tokens"],
                         r["windows"], r["seqlen"])
     lm_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
-    if lm_tasks:
-        results.update(_run_lm_eval(model, tokenizer, lm_tasks, batch_size, limit, include_path))
+    if not lm_tasks:
+        return results
+    if not (task_by_task or skip_unreachable):
+        results.update(_run_lm_eval(model, tokenizer, lm_tasks, batch_size, limit, include_path, add_bos_token))
+        return results
+    skipped = {}
+    for name in lm_tasks:
+        try:
+            results.update(_run_lm_eval(model, tokenizer, [name], batch_size, limit, include_path, add_bos_token))
+        except Exception as e:  # noqa: BLE001 - datasets that cannot be fetched surface as many error types
+            if not skip_unreachable or isinstance(e, ConfigError):
+                raise
+            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if skipped:
+        logger.warning("skipped %d task(s) whose data could not be loaded (no network or not cached): %s",
+                       len(skipped), ", ".join(skipped))
+        results["skipped"] = skipped
+        if len(skipped) == len(lm_tasks) and not [t for t in tasks if t.kind == "ppl"]:
+            raise ConfigError(
+                f"none of the tasks could load its data ({', '.join(skipped)}); with no network, use local "
+                "tasks: --tasks ppl:FILE or lm-eval YAMLs with --include_path"
+            )
     return results
 
 
-def _run_lm_eval(model, tokenizer, names, batch_size, limit, include_path) -> dict[str, dict[str, Any]]:
+def _run_lm_eval(model, tokenizer, names, batch_size, limit, include_path, add_bos_token=False
+                 ) -> dict[str, dict[str, Any]]:
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ConfigError(f"{LM_EVAL_HINT} ({e})") from e
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:

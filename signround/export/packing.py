@@ -33,8 +33,11 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``[R, C]`` codes in ``[0, 2**bits)`` along dim 0 into int32 ``[ceil(R*bits/32), C]``."""
     r, c = codes.shape
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes out of range for {bits}-bit packing")
+    codes = codes.contiguous()  # one pass over memory for the range check (transposed views are slow)
+    if codes.numel():
+        lo, hi = torch.aminmax(codes)
+        if int(lo) < 0 or int(hi) >= 2**bits:
+            raise ValueError(f"codes out of range for {bits}-bit packing")
     if 32 % bits == 0:  # 2/4/8 bits: whole values per word, one shift per position in the word
         per = 32 // bits
         rp = math.ceil(r / per) * per
@@ -61,6 +64,11 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[W, C]`` -> int32 codes ``[rows, C]``."""
     w, c = packed.shape
+    if 32 % bits == 0:  # whole values per word
+        per = 32 // bits
+        x = packed.to(torch.int32)  # arithmetic shifts copy the sign bit; the mask drops those bits
+        out = torch.stack([(x >> (k * bits)) & (2**bits - 1) for k in range(per)], dim=1)  # [w, per, c]
+        return out.reshape(-1, c)[:rows]
     chunks = math.ceil(rows / 32)
     x = torch.zeros(chunks * bits, c, dtype=torch.int64, device=packed.device)
     x[:w] = packed.to(torch.int64) & _MASK32
@@ -119,7 +127,7 @@ PACKINGS: dict[str, Packing] = {
 def pack_layer(qp: QParams, packing: str) -> dict[str, torch.Tensor]:
     """QParams -> ``qweight`` / ``qzeros`` / ``scales`` tensors of the given packing format."""
     p = PACKINGS[packing]
-    codes = qp.codes.to(torch.int64).t()  # [in, out]
+    codes = qp.codes.t()  # [in, out], in their small dtype (the packers widen them)
     zeros = qp.zero.round().to(torch.int64).t() + p.zero_offset  # [n_groups, out]
     if int(zeros.min()) < 0:
         raise ExportError(

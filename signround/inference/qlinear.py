@@ -81,6 +81,10 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """The weight as ``[out, in]`` float32."""
         codes, zeros = self.unpack()
+        if self.in_features % self.group_size == 0:  # whole groups: broadcast, no [in, out] gathers
+            c = codes.float().view(-1, self.group_size, self.out_features)
+            w = (c - zeros.float().unsqueeze(1)) * self.scales.float().unsqueeze(1)
+            return w.view(self.in_features, self.out_features).t()
         g = torch.arange(self.in_features, device=codes.device) // self.group_size
         w = (codes.float() - zeros.float()[g]) * self.scales.float()[g]
         return w.t()

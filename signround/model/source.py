@@ -225,7 +225,7 @@ class SafetensorsSource(WeightSource):
         """NaN/Inf check of the given weights, one tensor at a time (nothing stays resident)."""
         for layer in names:
             key = layer + ".weight"
-            if key in self.index and not torch.isfinite(self._load(key).float()).all():
+            if key in self.index and not torch.isfinite(self._load(key)).all():
                 raise ModelError(
                     f"the weight of {layer} contains NaN or Inf; the checkpoint is damaged. Re-export it, "
                     f"or keep the layer out with ignore_layers={layer!r} if that is expected"

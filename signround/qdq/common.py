@@ -47,8 +47,15 @@ class QParams:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.codes
-        in_features = codes.shape[1]
-        cols = torch.arange(in_features, device=codes.device) // effective_group_size(self.group_size, in_features)
+        out_features, in_features = codes.shape
+        gs = effective_group_size(self.group_size, in_features)
+        if self.data_type in ("int", "int_sym_dq", "int_min", "int_asym_dq") and in_features % gs == 0:
+            # whole groups: broadcast per group instead of gathering [out, in] scale/zero copies
+            c = codes.float().view(out_features, -1, gs)
+            s, z = self.scale.float().unsqueeze(-1), self.zero.float().unsqueeze(-1)
+            w = (c - z) * s if self.data_type in ("int", "int_sym_dq") else s * c + z
+            return w.view(out_features, in_features).to(dtype)
+        cols = torch.arange(in_features, device=codes.device) // gs
         if self.data_type in ("int", "int_sym_dq"):
             w = (codes.float() - self.zero.float()[:, cols]) * self.scale.float()[:, cols]
         elif self.data_type in ("int_min", "int_asym_dq"):
