@@ -93,6 +93,9 @@ class AutoRound:
         enable_torch_compile: bool | None = None,
         disable_opt_rtn: bool | None = None,
         cache_dtype: str | None = None,
+        enable_adam: bool | None = None,
+        momentum: float | None = None,
+        enable_deterministic_algorithms: bool | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
@@ -101,9 +104,13 @@ class AutoRound:
         low_cpu_mem_usage: bool = True,
         platform: str | None = None,
         revision: str | None = None,
+        model_dtype: str | torch.dtype | None = None,
         seed: int = 42,
+        **upstream_only: Any,
     ):
         self.start_time = time.time()
+        _refuse_upstream_only(upstream_only)
+        dtype = model_dtype or dtype  # upstream's name for the load dtype
         # 1. settings
         self.spec = resolve_scheme(
             scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
@@ -115,6 +122,7 @@ class AutoRound:
             enable_minmax_tuning=enable_minmax_tuning, enable_quanted_input=enable_quanted_input,
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
+            enable_adam=enable_adam, momentum=momentum, enable_deterministic_algorithms=enable_deterministic_algorithms,
             seed=seed,
         )
         self._seqlen_given = seqlen is not None
@@ -236,8 +244,9 @@ class AutoRound:
             steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
             logger.info("%s on %s: %d samples x %d tokens, %d iters, batch %d%s", self.cfg.mode, device,
                         ids.shape[0], ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps)
-        return quantize_model(self._model, self.plan, self.cfg, ids, self.devmap, self.source, sink, keep_weights,
-                              self._probe, checkpoint, probe_stored=keep_weights)
+        with _deterministic(self.cfg.enable_deterministic_algorithms):
+            return quantize_model(self._model, self.plan, self.cfg, ids, self.devmap, self.source, sink,
+                                  keep_weights, self._probe, checkpoint, probe_stored=keep_weights)
 
     # -- save -------------------------------------------------------------------------------------
     def save_quantized(
@@ -492,6 +501,44 @@ def _guarded(partial: Any, needed_bytes: int, resumable: Any = lambda: False):
         logger.error("stopped; the finished blocks are kept in %s: run the same command with --resume to continue "
                      "(or --start_over to discard them)", partial.path)
         raise
+
+
+# upstream AutoRound arguments this version does not offer, and what to do instead (docs/compatibility.md)
+UPSTREAM_ONLY = {
+    "nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
+    "enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
+    "scale_dtype": "scales are rounded to float16, what every packed format stores",
+    "static_kv_dtype": "FP8 KV-cache scales are not written yet",
+    "static_attention_dtype": "FP8 attention scales are not written yet",
+    "enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
+    "super_bits": "double quantization is set by the GGUF schemes (scheme='GGUF:Q4_K_M')",
+    "super_group_size": "double quantization is set by the GGUF schemes (scheme='GGUF:Q4_K_M')",
+    "extra_config": "pass the options as keyword arguments",
+    "quant_nontext_module": "vision-language models are not supported yet",
+}
+
+
+def _refuse_upstream_only(kwargs: dict[str, Any]) -> None:
+    for name in kwargs:
+        if name in UPSTREAM_ONLY:
+            raise ConfigError(f"{name}: {UPSTREAM_ONLY[name]}")
+    if kwargs:
+        raise ConfigError(f"unknown argument(s) {sorted(kwargs)} for AutoRound; see docs/compatibility.md")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """torch's deterministic algorithms for the tuning (upstream's --enable_deterministic_algorithms)."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _reject_unknown(kwargs: dict[str, Any]) -> None:

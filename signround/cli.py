@@ -104,6 +104,12 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--disable_quanted_input", action="store_true", help="feed blocks fp inputs instead of quantized ones")
     p.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best")
     p.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations on the CPU")
+    p.add_argument("--adam", action="store_true", help="AdamW instead of signed steps (default lr 5e-3)")
+    p.add_argument("--momentum", type=float, default=None, help="momentum of the signed steps (default 0)")
+    p.add_argument("--enable_deterministic_algorithms", action="store_true",
+                   help="torch's deterministic algorithms while tuning (reproducible on GPUs; slower)")
+    p.add_argument("--disable_deterministic_algorithms", action="store_true",
+                   help="(deprecated upstream; the default)")
     p.add_argument("--cache_dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached activations (default auto: bf16 where native, fp16 on other GPUs, "
                         "fp32 on CPUs without native bf16); losses stay float32")
@@ -163,6 +169,11 @@ UNSUPPORTED = {
     "--guidance_scale": "signround quantizes causal language models; diffusion models are not supported",
     "--num_inference_steps": "signround quantizes causal language models; diffusion models are not supported",
     "--generator_seed": "signround quantizes causal language models; diffusion models are not supported",
+    "--nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
+    "--enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
+    "--scale_dtype": "scales are rounded to float16, what every packed format stores",
+    "--static_kv_dtype": "FP8 KV-cache scales are not written yet",
+    "--static_attention_dtype": "FP8 attention scales are not written yet",
     "--super_group_size": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
     "--super_bits": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
 }
@@ -344,6 +355,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         enable_torch_compile=False if args.disable_torch_compile else None,
         disable_opt_rtn=True if args.disable_opt_rtn else None,
         cache_dtype=args.cache_dtype,
+        enable_adam=True if args.adam else None,
+        momentum=args.momentum,
+        enable_deterministic_algorithms=True if args.enable_deterministic_algorithms else None,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.model_dtype,

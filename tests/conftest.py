@@ -3,12 +3,15 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-
-from tiny_models import build_tiny_model
-
+# before anything imports huggingface_hub / datasets: both read these once, at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import build_tiny_model  # noqa: E402
+
 # Without a GPU, Triton kernels run in its interpreter; this must be set before triton is imported
 # (its standard-library functions are wrapped at import time)
 if not torch.cuda.is_available():

@@ -69,9 +69,11 @@ def test_minmax_tuning_and_quanted_input_options_do_what_they_say(stories_dir, m
     steps = []
     real_step = signround.TunableLayer.signed_step
 
-    def spy_step(self, lr, minmax_lr):
-        steps.append((self.v.grad is not None, self.min_scale.grad is not None, self.max_scale.grad is not None))
-        return real_step(self, lr, minmax_lr)
+    def spy_step(self, lr, minmax_lr, momentum=0.0):
+        # a gradient, or only its sign (backprop_shared(sign_only=True), the default plain steps)
+        has = [p.grad is not None or id(p) in self._signs for p in (self.v, self.min_scale, self.max_scale)]
+        steps.append(tuple(has))
+        return real_step(self, lr, minmax_lr, momentum)
 
     monkeypatch.setattr(signround.TunableLayer, "signed_step", spy_step)
     base = dict(scheme="W2A16G32", iters=4, **SMALL)

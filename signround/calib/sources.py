@@ -81,7 +81,10 @@ def load_hub(spec: DatasetSpec) -> list[Sample] | None:
             f"{spec.name!r} is not a local file, and loading Hugging Face datasets needs the `datasets` "
             "package (pip install datasets); or pass a local .json/.jsonl/.txt file"
         ) from e
+    from ..model.hub import offline_unless_reachable
+
     split = spec.split or "train"
+    offline_unless_reachable()  # an uncached dataset then fails at once instead of after retries
     try:
         ds = datasets.load_dataset(spec.name, split=split)
     except Exception as e:

@@ -99,13 +99,23 @@ def evaluate(
     lm_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
     if not lm_tasks:
         return results
+    session = _LMEval(model, tokenizer, batch_size, include_path, add_bos_token)
     if not (task_by_task or skip_unreachable):
-        results.update(_run_lm_eval(model, tokenizer, lm_tasks, batch_size, limit, include_path, add_bos_token))
+        try:
+            results.update(session.run(lm_tasks, limit))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - most often a dataset that cannot be downloaded here
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise ConfigError(
+                f"lm-eval task(s) {', '.join(lm_tasks)} failed ({type(e).__name__}: {first}); without network the "
+                "task data must be in the datasets cache, or use --tasks ppl:FILE / local YAMLs (--include_path)"
+            ) from e
         return results
     skipped = {}
     for name in lm_tasks:
         try:
-            results.update(_run_lm_eval(model, tokenizer, [name], batch_size, limit, include_path, add_bos_token))
+            results.update(session.run([name], limit))
         except Exception as e:  # noqa: BLE001 - datasets that cannot be fetched surface as many error types
             if not skip_unreachable or isinstance(e, ConfigError):
                 raise
@@ -122,32 +132,41 @@ def evaluate(
     return results
 
 
-def _run_lm_eval(model, tokenizer, names, batch_size, limit, include_path, add_bos_token=False
-                 ) -> dict[str, dict[str, Any]]:
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ConfigError(f"{LM_EVAL_HINT} ({e})") from e
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lm-eval task(s) {unknown}; define them in a YAML under --include_path")
-    out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False)
-    results: dict[str, dict[str, Any]] = {}
-    for task, metrics in out["results"].items():
-        clean = {}
-        for k, v in metrics.items():
-            if k in ("alias", "sample_len") or not isinstance(v, (int, float)):
-                continue
-            clean[k.replace(",none", "")] = v
-        n = out.get("n-samples", {}).get(task, {})
-        if n:
-            clean["samples"] = n.get("effective", n.get("original"))
-        results[task] = clean
-    return results
+class _LMEval:
+    """One lm-eval model wrapper and task index for all tasks of a run (building them costs seconds)."""
+
+    def __init__(self, model, tokenizer, batch_size, include_path, add_bos_token=False):
+        try:
+            from lm_eval import simple_evaluate
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager
+        except ImportError as e:
+            raise ConfigError(f"{LM_EVAL_HINT} ({e})") from e
+        from ..model.hub import offline_unless_reachable
+
+        offline_unless_reachable()  # task data not in the cache then fails at once instead of after retries
+        self._simple_evaluate = simple_evaluate
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
+        self.manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+
+    def run(self, names: list[str], limit) -> dict[str, dict[str, Any]]:
+        unknown = [n for n in names if n not in self.manager.all_tasks]
+        if unknown:
+            raise ConfigError(f"unknown lm-eval task(s) {unknown}; define them in a YAML under --include_path")
+        out = self._simple_evaluate(model=self.lm, tasks=names, limit=limit, task_manager=self.manager,
+                                    log_samples=False)
+        results: dict[str, dict[str, Any]] = {}
+        for task, metrics in out["results"].items():
+            clean = {}
+            for k, v in metrics.items():
+                if k in ("alias", "sample_len") or not isinstance(v, (int, float)):
+                    continue
+                clean[k.replace(",none", "")] = v
+            n = out.get("n-samples", {}).get(task, {})
+            if n:
+                clean["samples"] = n.get("effective", n.get("original"))
+            results[task] = clean
+        return results
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:

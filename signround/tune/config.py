@@ -32,6 +32,9 @@ class TuneConfig:
     enable_torch_compile: bool = True  # compiles the qdq kernels (falls back to eager when unavailable)
     disable_opt_rtn: bool = False
     cache_dtype: str = "auto"  # cached activations: auto, float32, bfloat16, float16
+    enable_adam: bool = False  # AdamW instead of signed steps (upstream's --adam; default lr 5e-3)
+    momentum: float = 0.0  # momentum of the signed steps (upstream's --momentum)
+    enable_deterministic_algorithms: bool = False
     seed: int = 42
 
     @property
@@ -46,7 +49,9 @@ class TuneConfig:
 
     @property
     def lr_value(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+        if self.lr is not None:
+            return self.lr
+        return 5e-3 if self.enable_adam else 1.0 / max(self.iters, 1)  # upstream's AdamW default
 
     @property
     def minmax_lr_value(self) -> float:
@@ -80,6 +85,11 @@ class TuneConfig:
                 raise ConfigError(f"{name} must be a {'non-negative' if name == 'iters' else 'positive'} integer, got {v!r}")
         if self.cache_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ConfigError(f"cache_dtype {self.cache_dtype!r} is not one of auto, float32, bfloat16, float16")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.enable_adam:
+            raise ConfigError("momentum applies to the signed steps; AdamW keeps its own moments: drop --momentum "
+                              "or --adam")
         for name in ("lr", "minmax_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:

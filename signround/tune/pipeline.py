@@ -262,6 +262,11 @@ def quantize_model(
         probes["exact"] = pcap.hidden
         if probe_stored and next(p.dtype for p in model.parameters() if p.is_floating_point()) != torch.float32:
             probes["stored"] = pcap.hidden.clone()
+    # the embeddings and head are needed again only after the last block: a streamed run without
+    # layers outside the blocks to quantize lets them go meanwhile (re-read from the checkpoint then)
+    park_outside = source.streamed and not plan.ggml_extras and not plan.outside_blocks() and not plan.untie_lm_head
+    if park_outside:
+        source.release_outside(model, blocks)
     start = 0
     if point is not None:
         start = point.blocks_done
@@ -278,7 +283,8 @@ def quantize_model(
         t0 = time.time()
         source.materialize(model, block_name)
         blk = get_module(model, block_name)
-        old_weights = [p.data for p in blk.parameters()]
+        # in-memory weights of a memory-mapped checkpoint: their file pages are dropped after the block
+        old_weights = [] if source.streamed else [p.data for p in blk.parameters()]
         names = plan.layers_of(block_name)
         orig_param = next(blk.parameters())
         orig_device, orig_dtype = orig_param.device, orig_param.dtype
@@ -286,7 +292,10 @@ def quantize_model(
         stats: dict[str, Any] = {}
         hooks: list = []
         if calibrated:
-            hooks = place_block(blk, devmap, torch.float32)
+            # under autocast the layers to quantize keep the checkpoint's dtype: their matmuls run
+            # in it anyway and qdq upcasts exactly, so a float32 copy of the block is not needed
+            keep = tuple(get_module(model, n) for n in names) if amp_dtype(device, cfg) is not None else ()
+            hooks = place_block(blk, devmap, torch.float32, keep)
             kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
 
             def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
@@ -353,6 +362,8 @@ def quantize_model(
         release_memory(freeze=True)  # what survives a block (model, caches) lives to the end
     bar.close()
 
+    if park_outside:
+        source.materialize_outside(model, blocks)
     for name in plan.outside_blocks():
         t0 = time.time()
         if not calibrated:
@@ -446,7 +457,7 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
     # plain RTN reaches here only for static activation ranges: no clipping search
     return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, None if cfg.mode == "rtn" else init, gen,
-                     keep_outputs, on_step)
+                     keep_outputs, on_step, amp_dtype(device, cfg))
 
 
 def _zero_iters(cfg: TuneConfig) -> TuneConfig:

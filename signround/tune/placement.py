@@ -70,10 +70,16 @@ def _move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def place_block(block: nn.Module, devmap: DeviceMap, dtype: torch.dtype) -> list:
-    """Move the block to ``devmap.primary`` in ``dtype`` and its assigned modules to their devices;
-    returns the hook handles (remove them when the block is done)."""
-    block.to(device=devmap.primary, dtype=dtype)
+def place_block(block: nn.Module, devmap: DeviceMap, dtype: torch.dtype, keep_dtype: tuple[nn.Module, ...] = ()
+                ) -> list:
+    """Move the block to ``devmap.primary`` in ``dtype`` (the modules in ``keep_dtype`` in their
+    own) and its assigned modules to their devices; returns the hook handles (remove them when the
+    block is done)."""
+    block.to(device=devmap.primary)
+    keep = {id(m) for m in keep_dtype}
+    for mod in block.modules():
+        if id(mod) not in keep:
+            mod._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
     handles = []
     for name, dev in assign_devices(block, devmap).items():
         mod = block.get_submodule(name)

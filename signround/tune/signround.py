@@ -68,12 +68,14 @@ class TunableLayer(nn.Module):
         self.orig = module
         self.spec = spec
         self.compile_qdq = compile_qdq
-        w = get_weight(module).detach().float()
+        # the weight as the module holds it (a bf16 checkpoint's block tuned under autocast keeps
+        # its quantized layers in bf16, half a float32 copy): every qdq function upcasts exactly
+        w = get_weight(module).detach()
         self.register_buffer("w", w, persistent=False)
         self.bias = None if module.bias is None else module.bias.detach().float()
         ng = n_groups(w.shape[1], spec.group_size)
         ones = torch.ones(w.shape[0], ng, device=w.device)
-        self.v = nn.Parameter(torch.zeros_like(w))
+        self.v = nn.Parameter(torch.zeros_like(w, dtype=torch.float32))
         mn = ones if min_scale is None else min_scale.to(w.device).float()
         mx = ones if max_scale is None else max_scale.to(w.device).float()
         self.min_scale = nn.Parameter(mn.clone(), requires_grad=tune_minmax)
@@ -82,9 +84,13 @@ class TunableLayer(nn.Module):
         self.act_amax: torch.Tensor | None = None
         self.collect_act = False
         # qdq weights shared by the forwards of one step (see shared_weights): the leaf the
-        # forwards use, and the graph from (v, min_scale, max_scale) to it
+        # forwards use; with ``_w_grad`` its gradient is carried back to (v, min_scale, max_scale)
         self._w_leaf: torch.Tensor | None = None
-        self._w_graph: torch.Tensor | None = None
+        self._w_grad = False
+        self._momentum: dict[int, torch.Tensor] = {}
+        # backprop_shared(sign_only=True): the signs of the gradients as int8, a quarter of float32
+        # gradients, when the plain signed step is all that reads them
+        self._signs: dict[int, torch.Tensor] = {}
 
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
@@ -102,28 +108,40 @@ class TunableLayer(nn.Module):
         home = x.device
         if home != w.device:  # a layer placed on another device by --device_map (see tune/placement.py)
             x = x.to(w.device)
-        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = self.bias
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts both itself, without a float32 copy
+            w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        y = F.linear(x, w, bias)
         return y if y.device == home else y.to(home)
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def share_weight(self, grad: bool) -> None:
-        """Compute the qdq weight once for the forwards that follow (until backprop_shared)."""
-        if grad:
-            self._w_graph = self.qdq_values()
-            self._w_leaf = self._w_graph.detach().requires_grad_()
-        else:
-            with torch.no_grad():
-                self._w_leaf = self.qdq_values()
+    def share_weight(self, grad: bool, dtype: torch.dtype | None = None) -> None:
+        """Compute the qdq weight once for the forwards that follow (until backprop_shared);
+        ``dtype``: hold it (and its gradient) in the autocast dtype the forwards compute in, which
+        autocast would cast it to anyway (half the memory of a float32 copy and its gradient)."""
+        with torch.no_grad():
+            self._w_leaf = self.qdq_values()
+            if dtype is not None:
+                self._w_leaf = self._w_leaf.to(dtype)
+        self._w_grad = grad
+        if grad:  # the graph to the parameters is rebuilt one layer at a time in backprop_shared
+            self._w_leaf.requires_grad_()
 
-    def state(self) -> list[torch.Tensor]:
-        return [self.v.detach().clone(), self.min_scale.detach().clone(), self.max_scale.detach().clone()]
+    def state(self, zero_v: bool = False) -> list[torch.Tensor | None]:
+        """A copy of the parameters; ``zero_v``: the offsets are all zero (the start), kept as None
+        instead of a weight-sized copy."""
+        v = None if zero_v else self.v.detach().clone()
+        return [v, self.min_scale.detach().clone(), self.max_scale.detach().clone()]
 
-    def load(self, state: list[torch.Tensor]) -> None:
+    def load(self, state: list[torch.Tensor | None]) -> None:
         with torch.no_grad():
             for p, s in zip((self.v, self.min_scale, self.max_scale), state):
-                p.copy_(s)
+                if s is None:
+                    p.zero_()
+                else:
+                    p.copy_(s)
 
     def save_into(self, state: list[torch.Tensor]) -> None:
         """Copy the parameters into an existing state (no allocation in the tuning loop)."""
@@ -132,12 +150,31 @@ class TunableLayer(nn.Module):
                 s.copy_(p)
 
     @torch.no_grad()
-    def signed_step(self, lr: float, minmax_lr: float) -> None:
-        """p -= lr * sign(grad), in place on the gradient buffers; clear the gradients."""
+    def signed_step(self, lr: float, minmax_lr: float, momentum: float = 0.0) -> None:
+        """p -= lr * sign(grad) (with ``momentum``: sign of the running sum m = momentum * m + grad,
+        upstream's --momentum), in place on the gradient buffers; clear the gradients."""
         for p, step, lo in ((self.v, lr, -0.5), (self.min_scale, minmax_lr, 0.0), (self.max_scale, minmax_lr, 0.0)):
-            if p.grad is not None:
-                p.add_(p.grad.sign_(), alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
+            sign = self._signs.pop(id(p), None)
+            if sign is not None:
+                p.add_(sign, alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
+            elif p.grad is not None:
+                g = p.grad
+                if momentum:
+                    buf = self._momentum.get(id(p))
+                    g = g if buf is None else buf.mul_(momentum).add_(g)
+                    self._momentum[id(p)] = g
+                    g = g.sign()
+                else:
+                    g = g.sign_()
+                p.add_(g, alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
                 p.grad = None
+
+    def clamp_(self) -> None:
+        """Keep the parameters in their ranges after an optimizer step (--adam)."""
+        with torch.no_grad():
+            self.v.clamp_(-0.5, 0.5)
+            self.min_scale.clamp_(0.0, 1.0)
+            self.max_scale.clamp_(0.0, 1.0)
 
     @torch.no_grad()
     def bake(self) -> QParams:
@@ -150,27 +187,40 @@ class TunableLayer(nn.Module):
 
 
 @contextlib.contextmanager
-def shared_weights(wrappers: list[TunableLayer], grad: bool):
+def shared_weights(wrappers: list[TunableLayer], grad: bool, dtype: torch.dtype | None = None):
     """Inside the context, every forward of these layers uses qdq weights computed once on entry. With ``grad``,
     the forwards' backward passes accumulate gradients on those weights, and ``backprop_shared``
     carries the sum through qdq to the offsets and clipping scales in one pass: a minibatch can
     then run as several smaller forward/backward passes (less activation memory) whose gradient
     is the whole minibatch's, for one qdq forward and backward per step."""
     for w in wrappers:
-        w.share_weight(grad)
+        w.share_weight(grad, dtype)
     try:
         yield
     finally:
         for w in wrappers:
-            w._w_leaf = w._w_graph = None
+            w._w_leaf, w._w_grad = None, False
 
 
-def backprop_shared(wrappers: list[TunableLayer]) -> None:
-    """Carry the gradients gathered on the shared qdq weights back to each layer's parameters."""
-    # a graph exists only under shared_weights(grad=True), and then so does its leaf
-    pairs = [(w._w_graph, w._w_leaf.grad) for w in wrappers if w._w_graph is not None and w._w_leaf.grad is not None]
-    if pairs:
-        torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+def backprop_shared(wrappers: list[TunableLayer], sign_only: bool = False) -> None:
+    """Carry the gradients gathered on the shared qdq weights back to each layer's parameters.
+
+    The qdq is recomputed here with its graph, one layer at a time: holding every layer's qdq
+    graph from the step's start to its end cost several weight-sized intermediates per layer
+    (the whole block's at once); recomputing costs one more elementwise qdq per layer and step.
+    ``sign_only`` (one backward per step, plain signed steps): keep only each gradient's sign,
+    as int8, for :meth:`TunableLayer.signed_step`."""
+    for w in wrappers:
+        if w._w_grad and w._w_leaf is not None and w._w_leaf.grad is not None:
+            grad, w._w_leaf.grad = w._w_leaf.grad, None
+            out = w.qdq_values().to(grad.dtype)
+            if not sign_only:
+                torch.autograd.backward(out, grad)
+                continue
+            params = [p for p in (w.v, w.min_scale, w.max_scale) if p.requires_grad]
+            for p, g in zip(params, torch.autograd.grad(out, params, grad, allow_unused=True)):
+                if g is not None:
+                    w._signs[id(p)] = g.sign().to(torch.int8)
 
 
 # On a CPU a minibatch runs as forward/backward passes of at most this many tokens: activation
@@ -273,6 +323,7 @@ def tune_unit(
     generator: torch.Generator | None = None,
     keep_outputs: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> UnitResult:
     """Tune the layers of ``unit`` and bake them; returns their QParams and loss statistics.
 
@@ -283,7 +334,8 @@ def tune_unit(
     during the plain-RTN pass (inputs of later layers thus see earlier layers quantized).
     With ``keep_outputs`` the unit's outputs for the kept parameters come back too (the next
     unit's quantized-chain inputs), saving a forward pass. ``on_step(iteration, minibatch loss)``
-    is called after every iteration (the progress bar's live loss).
+    is called after every iteration (the progress bar's live loss). ``compute_dtype``: the autocast
+    dtype ``run`` computes in (None: float32), in which the shared qdq weights are held.
     """
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
@@ -310,7 +362,7 @@ def tune_unit(
         run_unit = lambda xb: run(unit, xb.to(device, torch.float32))  # noqa: E731
 
         def full_pass(keep: bool = False) -> _Pass:
-            with shared_weights(layer_list, grad=False):  # one qdq per layer for the whole pass
+            with shared_weights(layer_list, grad=False, dtype=compute_dtype):  # one qdq per layer for the pass
                 return _full_pass(run_unit, x_q, full_target, bs, keep)
 
         collect = [w for w in wrappers.values() if w.spec.needs_act_range]
@@ -330,7 +382,7 @@ def tune_unit(
         start = rtn
         if init is not None:
             for rel, (mn, mx) in init(importance).items():
-                wrappers[rel].load([torch.zeros_like(wrappers[rel].v), mn, mx])
+                wrappers[rel].load([None, mn, mx])  # no offsets at the start
             start = full_pass(keep_outputs)
         loss_rtn, loss_start, out_start = rtn.loss, start.loss, start.outputs
         # Minibatches differ in difficulty (at 2 bits some samples' losses are several times
@@ -340,9 +392,19 @@ def tune_unit(
         # measured and dropped: lower calibration losses on every block, but SmolLM2-135M W2G64
         # WikiText-2 263.26 vs 251.95 and W4G64 tinyshakespeare 48.19 vs 46.92 (16 x 256 tokens).
         ref = start.per_sample.clamp_min(torch.finfo(torch.float64).tiny)
-        start_state = {k: w.state() for k, w in wrappers.items()}
+        start_state = {k: w.state(zero_v=True) for k, w in wrappers.items()}  # the start has no offsets
 
         lrs = {k: cfg.lrs_for(w.spec) for k, w in wrappers.items()}
+        adam = None
+        if cfg.enable_adam and cfg.iters:  # upstream's --adam: AdamW on the same parameters
+            groups = []
+            for k, w in wrappers.items():
+                groups.append({"params": [w.v], "lr": lrs[k][0], "base": lrs[k][0]})
+                if cfg.enable_minmax_tuning:
+                    groups.append({"params": [w.min_scale, w.max_scale], "lr": lrs[k][1], "base": lrs[k][1]})
+            adam = torch.optim.AdamW(groups, weight_decay=0.0)
+        # gradients read only by the plain signed step, once per step: their signs are enough
+        sign_only = adam is None and not cfg.momentum and cfg.gradient_accumulate_steps == 1
         best = best_score = math.inf
         best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
         best_iter = 0
@@ -360,7 +422,7 @@ def tune_unit(
                     pos = 0
                 idx = perm[pos : pos + bs]
                 pos += bs
-                with shared_weights(layer_list, grad=not last_unscored):
+                with shared_weights(layer_list, grad=not last_unscored, dtype=compute_dtype):
                     for sub in idx.split(mb):
                         xb = x_q[sub].to(device, torch.float32)
                         with torch.no_grad():
@@ -372,7 +434,7 @@ def tune_unit(
                             loss.backward()
                         total += loss.item()
                     if not last_unscored:
-                        backprop_shared(layer_list)
+                        backprop_shared(layer_list, sign_only)
                 ref_total += ref[idx].mean().item() / cfg.gradient_accumulate_steps
             if not math.isfinite(total):
                 logger.warning("non-finite loss at iteration %d; keeping the best parameters found so far", it)
@@ -390,8 +452,16 @@ def tune_unit(
             if last_unscored:
                 break
             decay = 1.0 - it / cfg.iters
+            if adam is not None:
+                for group in adam.param_groups:
+                    group["lr"] = group["base"] * decay
+                adam.step()
+                adam.zero_grad(set_to_none=True)
+                for wr in wrappers.values():
+                    wr.clamp_()
+                continue
             for k, wr in wrappers.items():
-                wr.signed_step(lrs[k][0] * decay, lrs[k][1] * decay)
+                wr.signed_step(lrs[k][0] * decay, lrs[k][1] * decay, cfg.momentum)
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
             best_state = {k: w.state() for k, w in wrappers.items()}
