@@ -36,6 +36,7 @@ from .model.loading import check_model_path, load_config, load_model_and_tokeniz
 from .memory import release_memory
 from .model.source import InMemorySource, WeightSource
 from .plan import QuantPlan, build_plan, untie_output_embedding
+from .upstream_only import API_ONLY as UPSTREAM_ONLY
 from .report import (PLOT_FILE, REPORT_FILE, bits_summary, format_summary, layer_table, peak_gpu_bytes,
                      peak_rss_bytes, render_plot, write_report)
 from .schemes import QuantSpec, resolve_scheme
@@ -140,7 +141,7 @@ class AutoRound:
         #    config, tokenizer and calibration data (a mistake costs seconds, not a model load)
         self.devmap = parse_device_map(device_map)
         if not isinstance(model, nn.Module):  # a Hub id: downloaded, or found in the cache offline
-            model = resolve_model(model, revision, {"model_scope": "modelscope"}.get(platform or "", platform))
+            model = resolve_model(model, revision, platform)
         self._config = load_config(model, trust_remote_code)
         self._check_seqlen()
         self.tokenizer = tokenizer
@@ -501,21 +502,6 @@ def _guarded(partial: Any, needed_bytes: int, resumable: Any = lambda: False):
         logger.error("stopped; the finished blocks are kept in %s: run the same command with --resume to continue "
                      "(or --start_over to discard them)", partial.path)
         raise
-
-
-# upstream AutoRound arguments this version does not offer, and what to do instead (docs/compatibility.md)
-UPSTREAM_ONLY = {
-    "nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
-    "enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
-    "scale_dtype": "scales are rounded to float16, what every packed format stores",
-    "static_kv_dtype": "FP8 KV-cache scales are not written yet",
-    "static_attention_dtype": "FP8 attention scales are not written yet",
-    "enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
-    "super_bits": "double quantization is set by the GGUF schemes (scheme='GGUF:Q4_K_M')",
-    "super_group_size": "double quantization is set by the GGUF schemes (scheme='GGUF:Q4_K_M')",
-    "extra_config": "pass the options as keyword arguments",
-    "quant_nontext_module": "vision-language models are not supported yet",
-}
 
 
 def _refuse_upstream_only(kwargs: dict[str, Any]) -> None:

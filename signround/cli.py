@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, SignRoundError
 from .tune.config import RECIPES, describe_recipes
+from .upstream_only import CLI_ONLY
 
 logger = logging.getLogger("signround")
 
@@ -149,34 +150,7 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     return p
 
 
-# upstream flags this version does not offer, and what to do instead (see docs/compatibility.md)
-UNSUPPORTED = {
-    "--avg_bits": "AutoScheme (mixed schemes at a bit budget) is not implemented yet; set per-layer schemes "
-                  "with --layer_config",
-    "--target_bits": "AutoScheme is not implemented yet; set per-layer schemes with --layer_config",
-    "--options": "AutoScheme is not implemented yet; set per-layer schemes with --layer_config",
-    "--ignore_scale_zp_bits": "AutoScheme is not implemented yet",
-    "--shared_layers": "AutoScheme is not implemented yet",
-    "--enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
-    "--mllm": "vision-language models are not supported yet; quantize the language model's checkpoint",
-    "--quant_nontext_module": "vision-language models are not supported yet",
-    "--extra_data_dir": "vision-language models are not supported yet",
-    "--template": "vision-language models are not supported yet",
-    "--prompt_file": "signround quantizes causal language models; diffusion models are not supported",
-    "--prompt": "signround quantizes causal language models; diffusion models are not supported",
-    "--metrics": "signround quantizes causal language models; diffusion models are not supported",
-    "--image_save_dir": "signround quantizes causal language models; diffusion models are not supported",
-    "--guidance_scale": "signround quantizes causal language models; diffusion models are not supported",
-    "--num_inference_steps": "signround quantizes causal language models; diffusion models are not supported",
-    "--generator_seed": "signround quantizes causal language models; diffusion models are not supported",
-    "--nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
-    "--enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
-    "--scale_dtype": "scales are rounded to float16, what every packed format stores",
-    "--static_kv_dtype": "FP8 KV-cache scales are not written yet",
-    "--static_attention_dtype": "FP8 attention scales are not written yet",
-    "--super_group_size": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
-    "--super_bits": "double quantization is set by the GGUF schemes (--scheme GGUF:Q4_K_M)",
-}
+UNSUPPORTED = CLI_ONLY  # upstream flags not offered here, each with what to use instead
 
 
 class _Unsupported(argparse.Action):
@@ -283,10 +257,6 @@ def _parse_layer_config(value: str | None) -> dict[str, Any] | None:
     return cfg
 
 
-def _source(platform: str | None) -> str | None:
-    return {"model_scope": "modelscope", "huggingface": "hf"}.get(platform, platform)
-
-
 def _default_output_dir(args: argparse.Namespace) -> str:
     """Upstream's naming: ./tmp_autoround/NAME-w{bits}g{group} (NAME-gguf for GGUF)."""
     from .schemes import resolve_scheme
@@ -301,7 +271,6 @@ def _default_output_dir(args: argparse.Namespace) -> str:
 def run_quantize(args: argparse.Namespace) -> int:
     from . import export
     from .api import AutoRound
-
     from .model.hub import resolve_model
 
     # Cheap checks first: nothing is loaded before the output target, format and tasks are known good.
@@ -311,7 +280,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     export.check_output_dir(args.output_dir)
     if args.disable_act_dynamic:
         args.act_dynamic = False
-    args.model = resolve_model(args.model, args.revision, _source(args.model_source))
+    args.model = resolve_model(args.model, args.revision, args.model_source)
     tasks = None
     if args.tasks:
         from .eval import check_windows, parse_tasks

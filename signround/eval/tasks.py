@@ -124,7 +124,7 @@ def evaluate(
         logger.warning("skipped %d task(s) whose data could not be loaded (no network or not cached): %s",
                        len(skipped), ", ".join(skipped))
         results["skipped"] = skipped
-        if len(skipped) == len(lm_tasks) and not [t for t in tasks if t.kind == "ppl"]:
+        if len(skipped) == len(lm_tasks) and not any(t.kind == "ppl" for t in tasks):
             raise ConfigError(
                 f"none of the tasks could load its data ({', '.join(skipped)}); with no network, use local "
                 "tasks: --tasks ppl:FILE or lm-eval YAMLs with --include_path"

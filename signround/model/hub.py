@@ -82,14 +82,16 @@ def offline_unless_reachable() -> bool:
 def resolve_model(name: str | os.PathLike, revision: str | None = None, source: str | None = None) -> str:
     """A local directory for ``name``: itself when it exists, else a Hub snapshot (downloaded, or
     from the cache when offline). A name that is neither gets a message naming the cache and
-    ``HF_HUB_OFFLINE``."""
+    ``HF_HUB_OFFLINE``. ``source``: ``hf`` (default) or ``modelscope`` (upstream's ``huggingface`` /
+    ``model_scope`` too)."""
     text = str(name)
     if Path(text).expanduser().exists() or not looks_like_hub_id(text):
         return text
     source = source or ("modelscope" if os.environ.get("AR_USE_MODELSCOPE", "").lower() in ("1", "true") else "hf")
+    source = {"model_scope": "modelscope", "huggingface": "hf"}.get(source, source)  # upstream's spellings too
     if source == "modelscope":
         return _modelscope(text, revision)
-    if source not in ("hf", "huggingface"):
+    if source != "hf":
         raise ModelError(f"model_source {source!r} is unknown; use huggingface or modelscope")
     try:
         from huggingface_hub import snapshot_download

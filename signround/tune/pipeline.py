@@ -397,7 +397,6 @@ def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
                    exact: dict[str, QParams]) -> torch.Tensor:
     """The probe through a finished block in float32 without autocast: the self-check's reference.

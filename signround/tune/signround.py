@@ -149,32 +149,34 @@ class TunableLayer(nn.Module):
             for p, s in zip((self.v, self.min_scale, self.max_scale), state):
                 s.copy_(p)
 
+    def _ranges(self) -> tuple[tuple[nn.Parameter, float, float], ...]:
+        """Each tuned parameter with the range it is kept in."""
+        return (self.v, -0.5, 0.5), (self.min_scale, 0.0, 1.0), (self.max_scale, 0.0, 1.0)
+
     @torch.no_grad()
     def signed_step(self, lr: float, minmax_lr: float, momentum: float = 0.0) -> None:
         """p -= lr * sign(grad) (with ``momentum``: sign of the running sum m = momentum * m + grad,
         upstream's --momentum), in place on the gradient buffers; clear the gradients."""
-        for p, step, lo in ((self.v, lr, -0.5), (self.min_scale, minmax_lr, 0.0), (self.max_scale, minmax_lr, 0.0)):
-            sign = self._signs.pop(id(p), None)
-            if sign is not None:
-                p.add_(sign, alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
-            elif p.grad is not None:
+        for (p, lo, hi), step in zip(self._ranges(), (lr, minmax_lr, minmax_lr)):
+            g = self._signs.pop(id(p), None)  # backprop_shared(sign_only=True) kept only the sign
+            if g is None:
+                if p.grad is None:
+                    continue
                 g = p.grad
                 if momentum:
                     buf = self._momentum.get(id(p))
-                    g = g if buf is None else buf.mul_(momentum).add_(g)
-                    self._momentum[id(p)] = g
+                    g = self._momentum[id(p)] = g if buf is None else buf.mul_(momentum).add_(g)
                     g = g.sign()
                 else:
                     g = g.sign_()
-                p.add_(g, alpha=-step).clamp_(lo, 0.5 if lo < 0 else 1.0)
                 p.grad = None
+            p.add_(g, alpha=-step).clamp_(lo, hi)
 
     def clamp_(self) -> None:
         """Keep the parameters in their ranges after an optimizer step (--adam)."""
         with torch.no_grad():
-            self.v.clamp_(-0.5, 0.5)
-            self.min_scale.clamp_(0.0, 1.0)
-            self.max_scale.clamp_(0.0, 1.0)
+            for p, lo, hi in self._ranges():
+                p.clamp_(lo, hi)
 
     @torch.no_grad()
     def bake(self) -> QParams:

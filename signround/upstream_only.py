@@ -1,0 +1,39 @@
+"""Upstream AutoRound options this version does not offer, and what to do instead
+(docs/compatibility.md): one table for the API's keyword arguments and the CLI's flags."""
+
+from __future__ import annotations
+
+_AUTOSCHEME = "AutoScheme is not implemented yet; set per-layer schemes with --layer_config / layer_config"
+_VLM = "vision-language models are not supported yet"
+_DIFFUSION = "signround quantizes causal language models; diffusion models are not supported"
+_DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_K_M)"
+
+# accepted by upstream's AutoRound(...) and its CLI alike (the CLI spells them --NAME)
+SHARED = {
+    "nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
+    "enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
+    "scale_dtype": "scales are rounded to float16, what every packed format stores",
+    "static_kv_dtype": "FP8 KV-cache scales are not written yet",
+    "static_attention_dtype": "FP8 attention scales are not written yet",
+    "enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
+    "super_bits": _DOUBLE_QUANT,
+    "super_group_size": _DOUBLE_QUANT,
+    "quant_nontext_module": _VLM,
+}
+
+API_ONLY = {**SHARED, "extra_config": "pass the options as keyword arguments"}
+
+CLI_ONLY = {
+    "--avg_bits": "AutoScheme (mixed schemes at a bit budget) is not implemented yet; set per-layer schemes "
+                  "with --layer_config",
+    "--target_bits": _AUTOSCHEME,
+    "--options": _AUTOSCHEME,
+    "--ignore_scale_zp_bits": "AutoScheme is not implemented yet",
+    "--shared_layers": "AutoScheme is not implemented yet",
+    "--mllm": _VLM + "; quantize the language model's checkpoint",
+    "--extra_data_dir": _VLM,
+    "--template": _VLM,
+    **{f"--{name}": _DIFFUSION for name in ("prompt_file", "prompt", "metrics", "image_save_dir", "guidance_scale",
+                                            "num_inference_steps", "generator_seed")},
+    **{f"--{name}": why for name, why in SHARED.items()},
+}
