@@ -15,6 +15,8 @@ A run is a short sequence of steps, each a function of its own module:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import random
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from . import export
+from .autoscheme import LAYER_CONFIG_FILE, AutoScheme, Selection, prepare, select, trial_plans
 from .calib import DEFAULT_DATASET, build_calibration
 from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
@@ -66,7 +69,7 @@ class AutoRound:
         self,
         model: str | nn.Module,
         tokenizer: Any = None,
-        scheme: str | QuantSpec | Mapping[str, Any] = "W4A16",
+        scheme: str | QuantSpec | Mapping[str, Any] | AutoScheme = "W4A16",
         bits: int | None = None,
         group_size: int | None = None,
         sym: bool | None = None,
@@ -113,6 +116,16 @@ class AutoRound:
         _refuse_upstream_only(upstream_only)
         dtype = model_dtype or dtype  # upstream's name for the load dtype
         # 1. settings
+        self.autoscheme = scheme if isinstance(scheme, AutoScheme) else None
+        if self.autoscheme is not None:
+            given = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym, data_type=data_type,
+                                           act_bits=act_bits, act_data_type=act_data_type, act_group_size=act_group_size,
+                                           act_dynamic=act_dynamic).items() if v is not None}
+            if given:
+                raise ConfigError(f"{sorted(given)}: with AutoScheme the options set every layer's scheme; drop "
+                                  "these settings or add an option that has them")
+            # layer_config entries without a scheme of their own start from the first quantized option
+            scheme = next(s for _, s in self.autoscheme.specs if s.quantized)
         self.spec = resolve_scheme(
             scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
             act_group_size=act_group_size, act_dynamic=act_dynamic,
@@ -136,6 +149,8 @@ class AutoRound:
         self._probe: torch.Tensor | None = None
         self._saved: tuple[Path, list] | None = None  # (output, exporters) of the last save
         self._loaded: nn.Module | None = None
+        self.selection: Selection | None = None
+        self._scoring_ids: torch.Tensor | None = None
         _seed_everything(seed)
         # 2. everything that needs no weights is checked first: devices, the checkpoint's files,
         #    config, tokenizer and calibration data (a mistake costs seconds, not a model load)
@@ -147,8 +162,9 @@ class AutoRound:
         self.tokenizer = tokenizer
         if self.tokenizer is None and not isinstance(model, nn.Module):
             self.tokenizer = load_tokenizer(check_model_path(str(model)), trust_remote_code)
-        if self.cfg.needs_data or self.spec.needs_act_range:
+        if self.cfg.needs_data or self.spec.needs_act_range or self.autoscheme is not None:
             self.calibration_ids()
+            self._autoscheme_ids()
         # 3. model and plan
         self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
             model, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -157,6 +173,9 @@ class AutoRound:
         self.plan: QuantPlan = build_plan(
             self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
         )
+        # AutoScheme: the layers it chooses for, their groups and the budget checked now; scoring
+        # (which reads the weights) runs when quantizing starts
+        self._request = prepare(self.autoscheme, self._model, self.plan, self.spec) if self.autoscheme else None
 
     @property
     def iters(self) -> int:
@@ -167,7 +186,7 @@ class AutoRound:
         return self.source.streamed
 
     def _check_seqlen(self) -> None:
-        if not self.cfg.needs_data:
+        if not self.cfg.needs_data and self.autoscheme is None:
             return
         text_cfg = self._config.get_text_config()
         ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
@@ -187,6 +206,44 @@ class AutoRound:
                 self.cfg.batch_size = ids.shape[0]
             self._calib = ids
         return self._calib
+
+    def _autoscheme_ids(self) -> torch.Tensor | None:
+        """AutoScheme's scoring data: the run's calibration data unless it names its own."""
+        auto = self.autoscheme
+        if auto is None:
+            return None
+        if self._scoring_ids is None:
+            if auto.dataset is None and auto.nsamples is None and auto.seqlen is None:
+                self._scoring_ids = self.calibration_ids()
+            else:
+                self._scoring_ids = build_calibration(
+                    self.dataset if auto.dataset is None else auto.dataset, self.tokenizer,
+                    auto.seqlen or self.cfg.seqlen, auto.nsamples or self.cfg.nsamples, self.seed)
+        return self._scoring_ids
+
+    def choose_schemes(self) -> Selection | None:
+        """AutoScheme's choice (scored once, then kept): each chosen layer's spec goes into the plan."""
+        if self._request is None or self.selection is not None:
+            return self.selection
+        auto = self._request.auto
+        devmap = parse_device_map(auto.device_map) if auto.device_map is not None else self.devmap
+        cfg = dataclasses.replace(self.cfg, low_gpu_mem_usage=self.cfg.low_gpu_mem_usage or auto.low_gpu_mem_usage)
+        with _deterministic(self.cfg.enable_deterministic_algorithms):
+            self.selection = select(self._request, self._model, self.plan, self._autoscheme_ids(), cfg, devmap,
+                                    self.source)
+        self.plan.specs.update(self.selection.specs)
+        return self.selection
+
+    def _check_formats(self, format: str, output_dir: str | os.PathLike) -> list:
+        """The formats against the plan; before AutoScheme has chosen, against every option and a mix of
+        them, so a format that cannot hold some choice is named before scoring."""
+        if self._request is not None and self.selection is None:
+            for label, trial in trial_plans(self.plan, self._request):
+                try:
+                    export.check_formats(format, self._model, trial, output_dir)
+                except ExportError as e:
+                    raise ExportError(f"AutoScheme option {label}: {e}") from None
+        return export.check_formats(format, self._model, self.plan, output_dir)
 
     @property
     def needs_calibration(self) -> bool:
@@ -219,6 +276,7 @@ class AutoRound:
         """Quantize in place; returns ``(model, layer_config)`` like upstream. A streamed model
         keeps its QParams (compact codes) for ``save_quantized``; its blocks stay on the meta device."""
         if self.result is None:
+            self.choose_schemes()
             self.result = self._run(sink=None, checkpoint=None, keep_weights=True)
             if self.source.streamed:
                 self._load_whole()
@@ -326,13 +384,16 @@ class AutoRound:
     def run_and_save(self, output_dir: str | os.PathLike, format: str = "auto_round", resume: bool = False,
                      start_over: bool = False, self_check: bool = True, max_shard_size: int | str | None = None) -> Path:
         """:meth:`quantize_and_save` without loading a model to return (what the CLI runs)."""
-        exporters = export.check_formats(format, self._model, self.plan, output_dir)
+        exporters = self._check_formats(format, output_dir)
         if resume and not self.source_dir:
             raise ConfigError("resume needs a model loaded from a directory (its checkpoint identifies the run)")
         partial = export.PartialDir(output_dir, resume=resume, start_over=start_over)
         checkpoint = None
         resumable = lambda: checkpoint is not None and (partial.path / "resume" / "state.json").is_file()  # noqa: E731
         with _guarded(partial, self._needed_bytes(exporters), resumable):
+            if self.choose_schemes() is not None:
+                for e in exporters:
+                    e.check(self.plan, self._model)
             if self.source_dir:
                 checkpoint = self._checkpoint(partial, exporters)
             self.source.materialize_outside(self._model, self.plan.block_names)
@@ -370,7 +431,8 @@ class AutoRound:
         specs = sorted({s.label() for s in self.plan.quantized.values()})
         return {
             "model": f"{src} config {file_digest(src / 'config.json')} shards {shards}",
-            "scheme": f"{self.plan.default.label()}; layers {len(self.plan.quantized)} ({', '.join(specs)})",
+            "scheme": f"{self.plan.default.label()}; layers {len(self.plan.quantized)} ({', '.join(specs)})"
+                      + (f"; {self.autoscheme.describe()}" if self.autoscheme is not None else ""),
             "iters": str(self.cfg.iters),
             "tuning": str(sorted(self._config_record().items())),
             "data": tensor_digest(ids),
@@ -384,6 +446,8 @@ class AutoRound:
         report = self._report([e.name for e in exporters])
         dirs = sink.finish(self._model, self.result.qparams, self._config_record(), self.tokenizer)
         for d, e in zip(dirs, exporters):
+            if self.selection is not None:  # what --layer_config FILE reuses
+                (d / LAYER_CONFIG_FILE).write_text(json.dumps(self.selection.layer_config(), indent=1) + "\n")
             write_report(d, {**report, "format": e.name, "totals": self._totals(d)})
         out = partial.commit()
         self._finish_summary(out)
@@ -455,6 +519,7 @@ class AutoRound:
             "mode": self.cfg.mode, "settings": self._config_record(), "formats": formats,
             "streamed": self.source.streamed, "resumed_from_block": self.result.resumed_from,
             "blocks": self.result.block_stats, "layers": layer_table(self._model, self.plan),
+            **({"autoscheme": self.selection.record()} if self.selection is not None else {}),
         }
 
     def _totals(self, directory: Path) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                    help="preset: W2A16, W2A16G64, W2A16G32, W3A16, W4A16, W8A16, MXFP4, MXFP8, NVFP4, "
                         "MXFP4A16, NVFP4A16, FPW8A16, FP8_STATIC, GGUF:Q4_K_M ... (default W4A16, or the "
                         "GGUF scheme of a gguf:TYPE format)")
-    p.add_argument("--bits", type=int, default=None, help="override the preset's weight bits")
+    p.add_argument("--bits", type=float, default=None,
+                   help="override the preset's weight bits (with --options: AutoScheme's average bits)")
     p.add_argument("--group_size", type=int, default=None, help="override the group size (-1: per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero point)")
     p.add_argument("--data_type", "--dtype", dest="data_type", default=None,
@@ -82,6 +83,16 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--disable_act_dynamic", action="store_true", help="static activation scales (= --act_dynamic False)")
     p.add_argument("--layer_config", default=None,
                    help='JSON (or a path to a JSON file): {"name|regex|substring": "W8A16" or {"bits": 8}}')
+    a = p.add_argument_group("AutoScheme (mixed per-layer schemes at an average-bit budget)")
+    a.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
+                   help="average bits per weight of the layers chosen for, e.g. 3.0")
+    a.add_argument("--options", "--option", "--schemes", dest="options", nargs="+", default=None,
+                   help="candidate schemes, e.g. W2A16G64,W3A16G64,W4A16G64 (also MXFP4, MXFP8, NVFP4, BF16)")
+    a.add_argument("--ignore_scale_zp_bits", action="store_true",
+                   help="count weight bits only (not scales and zero points) against the budget")
+    a.add_argument("--shared_layers", nargs="+", action="append", default=None,
+                   help="layers that share a scheme, comma-separated names or patterns (repeatable); q/k/v and "
+                        "gate/up share one already")
     p.add_argument("--ignore_layers", "--fp_layers", dest="ignore_layers", default=None,
                    help="comma-separated names/patterns kept in full precision")
     p.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head (unties tied embeddings)")
@@ -262,10 +273,49 @@ def _default_output_dir(args: argparse.Namespace) -> str:
     from .schemes import resolve_scheme
 
     name = Path(str(args.model).rstrip("/")).name
+    if args.options:
+        return str(Path("tmp_autoround") / f"{name}-autoscheme-{args.avg_bits:g}bits")
     if all(f.strip().lower().startswith("gguf:") for f in args.format.split(",")):
         return str(Path("tmp_autoround") / f"{name}-gguf")
-    spec = resolve_scheme(args.scheme or _default_scheme(args.format), args.bits, args.group_size)
+    spec = resolve_scheme(args.scheme or _default_scheme(args.format), _int_bits(args.bits), args.group_size)
     return str(Path("tmp_autoround") / f"{name}-w{spec.bits}g{spec.group_size}")
+
+
+def _int_bits(bits: float | None) -> int | None:
+    if bits is None:
+        return None
+    if bits != int(bits):
+        raise ConfigError(f"--bits {bits:g} is not a whole number of bits; for a mixed average give --options "
+                          "(AutoScheme), e.g. --options W2A16G64,W3A16G64,W4A16G64 --avg_bits 3.0")
+    return int(bits)
+
+
+def _autoscheme(args: argparse.Namespace) -> Any:
+    """``--options`` (upstream also spells it ``--schemes``) with ``--avg_bits`` (or ``--bits``) makes an
+    AutoScheme; the option words are split at commas and ``--shared_layers`` groups as upstream does."""
+    if args.options is None:
+        if args.avg_bits is not None or args.shared_layers or args.ignore_scale_zp_bits:
+            raise ConfigError("--avg_bits / --shared_layers / --ignore_scale_zp_bits need --options, the schemes "
+                              "AutoScheme chooses from, e.g. --options W2A16G64,W3A16G64,W4A16G64")
+        return None
+    from .autoscheme import AutoScheme
+
+    if args.scheme:
+        raise ConfigError("--scheme and --options cannot be used together: with --options AutoScheme picks each "
+                          "layer's scheme; drop --scheme")
+    if args.avg_bits is None:
+        args.avg_bits, args.bits = args.bits, None
+    if args.avg_bits is None:
+        raise ConfigError("--options needs the budget: --avg_bits 3.0 (or --bits 3.0)")
+    options = [o for word in args.options for o in word.split(",") if o.strip()]
+    groups = []
+    for flag in args.shared_layers or []:
+        if any("," in w for w in flag):  # each comma-separated word is a group of its own
+            groups += [[p for p in w.split(",") if p.strip()] for w in flag]
+        else:  # bare names: one group
+            groups.append(list(flag))
+    return AutoScheme(avg_bits=args.avg_bits, options=options, shared_layers=groups or None,
+                      ignore_scale_zp_bits=args.ignore_scale_zp_bits)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -273,6 +323,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .api import AutoRound
     from .model.hub import resolve_model
 
+    auto = _autoscheme(args)  # before anything is read: option names and the budget's form
+    args.bits = _int_bits(args.bits)
     # Cheap checks first: nothing is loaded before the output target, format and tasks are known good.
     exporters = export.get_exporters(args.format)
     if args.output_dir is None:
@@ -291,11 +343,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         if tok is not None:
             check_windows(tasks, tok, args.eval_seqlen)
     layer_config = _parse_layer_config(args.layer_config)
-    if args.disable_low_cpu_mem_usage:
+    if args.disable_low_cpu_mem_usage and auto is None:  # AutoRound checks an AutoScheme's formats itself
         _preflight(args, layer_config)
     ar = AutoRound(
         args.model,
-        scheme=args.scheme or _default_scheme(args.format),
+        scheme=auto or args.scheme or _default_scheme(args.format),
         bits=args.bits,
         group_size=args.group_size,
         sym=False if args.asym else None,

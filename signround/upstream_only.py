@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-_AUTOSCHEME = "AutoScheme is not implemented yet; set per-layer schemes with --layer_config / layer_config"
 _VLM = "vision-language models are not supported yet"
 _DIFFUSION = "signround quantizes causal language models; diffusion models are not supported"
 _DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_K_M)"
@@ -24,12 +23,6 @@ SHARED = {
 API_ONLY = {**SHARED, "extra_config": "pass the options as keyword arguments"}
 
 CLI_ONLY = {
-    "--avg_bits": "AutoScheme (mixed schemes at a bit budget) is not implemented yet; set per-layer schemes "
-                  "with --layer_config",
-    "--target_bits": _AUTOSCHEME,
-    "--options": _AUTOSCHEME,
-    "--ignore_scale_zp_bits": "AutoScheme is not implemented yet",
-    "--shared_layers": "AutoScheme is not implemented yet",
     "--mllm": _VLM + "; quantize the language model's checkpoint",
     "--extra_data_dir": _VLM,
     "--template": _VLM,

@@ -59,7 +59,12 @@ ROWS = [
         "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
     Row("--model {model} --scheme NVFP4 --format llm_compressor --ignore_layers down_proj --output_dir {out} "
         "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
-    Row("--model {model} --avg_bits 3 --options W2A16,W4A16 --output_dir {out}", 2, "AutoScheme"),
+    Row("--model {model} --avg_bits 3 --options W2A16,W4A16 --output_dir {out} --iters 0 --nsamples 4 --seqlen 64",
+        0, "layer_config.json"),
+    Row("--model {model} --schemes W2A16,W4A16 --bits 3 --ignore_scale_zp_bits --output_dir {out} --iters 0 "
+        "--nsamples 4 --seqlen 64", 0, "layer_config.json"),  # upstream's newer spelling of AutoScheme
+    Row("--model {model} --avg_bits 1.5 --options W2A16,W4A16 --output_dir {out} --iters 0", 2,
+        "outside what the options reach"),
     Row("--model {model} --nblocks 2 --output_dir {out}", 2, "blocks are tuned one at a time"),
     # evaluation, the guide's spellings
     Row("--model {model} --eval --tasks ppl:{text} --limit 2 --eval_bs 2", 0, None),
