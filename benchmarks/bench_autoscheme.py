@@ -6,8 +6,9 @@
 Every run is a separate process (wall time and peak RSS of its process tree, as bench_vs_upstream.py
 measures them) on SmolLM2-135M with the same 16 x 256 calibration texts. Run specs:
 
-* ``ours|upstream:auto:BUDGET[=OPT+OPT+...]``: AutoScheme at BUDGET average bits over the options
-  (default W2A16G64+W3A16G64+W4A16G64);
+* ``ours|upstream:auto:BUDGET[i][=OPT+OPT+...]``: AutoScheme at BUDGET average bits over the options
+  (default W2A16G64+W3A16G64+W4A16G64); ``i``: the budget counts weight bits only
+  (``ignore_scale_zp_bits``), e.g. ``ours:auto:3.0i``;
 * ``ours:uniform:SCHEME``: one scheme for every layer.
 
 Schemes with MX/NV types are saved as llm_compressor, others as auto_round. Achieved bits are
@@ -47,7 +48,7 @@ def main():
     from auto_round import AutoRound
     from auto_round.auto_scheme import AutoScheme
     a = json.loads(sys.argv[1])
-    scheme = AutoScheme(avg_bits=a["budget"], options=a["options"], ignore_scale_zp_bits=False)
+    scheme = AutoScheme(avg_bits=a["budget"], options=a["options"], ignore_scale_zp_bits=a["ignore"])
     ar = AutoRound(a["model"], scheme=scheme, iters=a["iters"], nsamples=a["nsamples"], seqlen=a["seqlen"],
                    batch_size=a["batch_size"], dataset=a["calib"], seed=42)
     ar.quantize_and_save(a["out"], format=a["format"])
@@ -57,13 +58,13 @@ if __name__ == "__main__":
 
 
 def parse_run(spec: str) -> dict:
-    m = re.fullmatch(r"(ours|upstream):(auto|uniform):([^=]+)(?:=(.+))?", spec)
-    if not m or (m.group(2) == "uniform" and (m.group(1) != "ours" or m.group(4))):
-        raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:auto:BUDGET[=OPT+OPT] or ours:uniform:SCHEME")
-    tool, kind, value, opts = m.groups()
+    m = re.fullmatch(r"(ours|upstream):(auto|uniform):([^=]+?)(i?)(?:=(.+))?", spec)
+    if not m or (m.group(2) == "uniform" and (m.group(1) != "ours" or m.group(4) or m.group(5))):
+        raise SystemExit(f"bad run spec {spec!r}; expected ours|upstream:auto:BUDGET[i][=OPT+OPT] or ours:uniform:SCHEME")
+    tool, kind, value, ignore, opts = m.groups()
     run = {"tool": tool, "kind": kind, "name": spec.replace(":", "_").replace("=", "_").replace("+", "-")}
     if kind == "auto":
-        run.update(budget=float(value), options=(opts or INT_OPTIONS).split("+"))
+        run.update(budget=float(value), options=(opts or INT_OPTIONS).split("+"), ignore_scale_zp_bits=bool(ignore))
     else:
         run["scheme"] = value
     schemes = run.get("options") or [run["scheme"]]
@@ -74,12 +75,13 @@ def parse_run(spec: str) -> dict:
 def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
     out = work / f"{run['name']}_i{args.iters}"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.parent / f".{out.name}.signround-partial", ignore_errors=True)  # an interrupted run's
     if run["tool"] == "upstream":
         if upy is None:
             return {"skipped": MISSING}
         a = {"model": args.model, "budget": run["budget"], "options": ",".join(run["options"]), "iters": args.iters,
              "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "calib": str(calib),
-             "out": str(out), "format": run["format"]}
+             "out": str(out), "format": run["format"], "ignore": run["ignore_scale_zp_bits"]}
         cmd = [str(upy), "-c", UPSTREAM_CHILD, json.dumps(a)]
     else:
         cmd = [sys.executable, "-m", "signround", args.model, "--iters", str(args.iters), "--nsamples",
@@ -87,6 +89,8 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
                "--dataset", str(calib), "--output_dir", str(out), "--format", run["format"]]
         if run["kind"] == "auto":
             cmd += ["--avg_bits", str(run["budget"]), "--options", ",".join(run["options"])]
+            if run["ignore_scale_zp_bits"]:
+                cmd.append("--ignore_scale_zp_bits")
         else:
             cmd += ["--scheme", run["scheme"]]
     res = measure(cmd, work / f"{out.name}.log")
@@ -199,7 +203,8 @@ def main() -> int:
     for run in runs:
         r = results.get(run["name"], {})
         label = f"{r.get('tool')} " + ("AutoScheme " + "/".join(run["options"]) if run["kind"] == "auto" else run["scheme"])
-        budget = f"{run['budget']:g}" if run["kind"] == "auto" else ""
+        budget = (f"{run['budget']:g}" + (" (weights only)" if run["ignore_scale_zp_bits"] else "")
+                  if run["kind"] == "auto" else "")
         if "ppl" not in r:
             why = r.get("skipped") or (r.get("error") or "failed")[-300:].replace("\n", " ").replace("|", "/")
             print(f"| {label} | {budget} | {why} | | | | |")

@@ -100,6 +100,7 @@ class AutoRound:
         enable_adam: bool | None = None,
         momentum: float | None = None,
         enable_deterministic_algorithms: bool | None = None,
+        enable_alg_ext: bool | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
@@ -137,7 +138,7 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
             enable_adam=enable_adam, momentum=momentum, enable_deterministic_algorithms=enable_deterministic_algorithms,
-            seed=seed,
+            enable_alg_ext=enable_alg_ext, seed=seed,
         )
         self._seqlen_given = seqlen is not None
         self.dataset = DEFAULT_DATASET if dataset is None else dataset
@@ -508,6 +509,8 @@ class AutoRound:
             lr, minmax_lr = c.lrs_for(self.spec)
             rec.update(lr=lr, minmax_lr=minmax_lr, enable_minmax_tuning=c.enable_minmax_tuning,
                        enable_quanted_input=c.enable_quanted_input)
+            if c.enable_alg_ext:
+                rec["enable_alg_ext"] = True
         return rec
 
     def _report(self, formats: list[str]) -> dict[str, Any]:

@@ -122,6 +122,9 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                    help="torch's deterministic algorithms while tuning (reproducible on GPUs; slower)")
     p.add_argument("--disable_deterministic_algorithms", action="store_true",
                    help="(deprecated upstream; the default)")
+    p.add_argument("--enable_alg_ext", action="store_true",
+                   help="SignRoundV2's tuning extensions: below 4 bits the block loss leaves out each sample's largest "
+                        "0.1%% of output errors, and clipping scales may grow to 2x (symmetric int / MX / NV schemes)")
     p.add_argument("--cache_dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached activations (default auto: bf16 where native, fp16 on other GPUs, "
                         "fp32 on CPUs without native bf16); losses stay float32")
@@ -379,6 +382,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         enable_adam=True if args.adam else None,
         momentum=args.momentum,
         enable_deterministic_algorithms=True if args.enable_deterministic_algorithms else None,
+        enable_alg_ext=True if args.enable_alg_ext else None,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.model_dtype,

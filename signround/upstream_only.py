@@ -14,7 +14,6 @@ SHARED = {
     "scale_dtype": "scales are rounded to float16, what every packed format stores",
     "static_kv_dtype": "FP8 KV-cache scales are not written yet",
     "static_attention_dtype": "FP8 attention scales are not written yet",
-    "enable_alg_ext": "SignRoundV2's extensions are not implemented yet",
     "super_bits": _DOUBLE_QUANT,
     "super_group_size": _DOUBLE_QUANT,
     "quant_nontext_module": _VLM,

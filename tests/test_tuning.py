@@ -421,3 +421,29 @@ def test_compile_failure_falls_back_to_eager_for_good(monkeypatch, caplog):
     torch.testing.assert_close(out, qdq(w, spec)[0])
     assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
     assert kernels.compiled(("other", spec), lambda x: x) is None  # every later kernel runs eager
+
+
+def test_alg_ext_loss_leaves_out_the_largest_errors_and_widens_the_scales(stories_dir):
+    from signround.schemes import preset
+    from signround.tune.signround import alg_ext, block_loss, sample_errors
+
+    target = torch.zeros(2, 10, 100)
+    out = torch.full_like(target, 0.1)
+    out[0, 0, 0] = out[1, 3, 7] = 50.0  # one huge error per sample (1 of 1000 values)
+    plain, kept = block_loss(out, target), block_loss(out, target, suppress=True)
+    assert plain > 1.0 and kept == pytest.approx(0.01 * 999 / 1000, rel=1e-5)
+    assert sample_errors(out, target, True).shape == (2, 1000)
+    assert alg_ext(preset("W2A16G64")) == (True, 2.0) and alg_ext(preset("W4A16")) == (False, 2.0)
+    assert alg_ext(preset("GGUF:Q2_K_S")) == (False, 1.0) and alg_ext(preset("MXFP4")) == (True, 2.0)
+
+    common = dict(scheme="W2A16G32", iters=4, nsamples=4, seqlen=32, batch_size=2, enable_torch_compile=False)
+    base = AutoRound(str(stories_dir), **common)
+    ext = AutoRound(str(stories_dir), enable_alg_ext=True, **common)
+    base.quantize()
+    ext.quantize()
+    assert ext._config_record()["enable_alg_ext"] is True
+    b, e = base.result.block_stats, ext.result.block_stats
+    assert b.keys() == e.keys()
+    # a different loss is tuned: on the first block (same inputs) the suppressed loss is the smaller
+    first = base.plan.block_names[0]
+    assert e[first]["loss_rtn"] < b[first]["loss_rtn"]

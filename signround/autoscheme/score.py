@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..devices import DeviceMap
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, loss_grad_after_blocks
 from ..model.layers import Conv1D, get_module, get_weight
+from ..memory import release_memory
 from ..model.source import WeightSource
 from ..qdq import qdq
 from ..qdq.act import qdq_act
@@ -218,3 +219,4 @@ def _placed(model, block, units, devmap, source, amp, kwargs):
         blk.to(device=orig_device, dtype=orig_dtype)
         if source.streamed:
             source.release(model, block)
+        release_memory()  # the block's float32 copy, activations and gradients go back to the OS

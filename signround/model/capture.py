@@ -227,6 +227,34 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+
+@contextlib.contextmanager
+def _blocks_skipped(model: nn.Module, block_names: list[str], current: list[torch.Tensor], output_len: int | None):
+    """Inside, the first block returns ``current[0]`` (in the dtype it was called with) and the
+    others pass their input on: the model's forward runs its tail on given hidden states."""
+    def first(*args: Any, **kwargs: Any) -> Any:
+        h = current[0].to(_hidden_from(args, kwargs).dtype)
+        return h if output_len is None else (h, *([None] * (output_len - 1)))
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = _hidden_from(args, kwargs)
+        return h if output_len is None else (h, *([None] * (output_len - 1)))
+
+    patched = []
+    for i, name in enumerate(block_names):
+        block = get_module(model, name)
+        patched.append((block, block.__dict__.get("forward")))
+        block.forward = first if i == 0 else passthrough
+    try:
+        yield
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
 @torch.no_grad()
 def inputs_after_blocks(
     model: nn.Module,
@@ -250,35 +278,18 @@ def inputs_after_blocks(
         chunks.append(args[0].detach().to(store_device, torch.float32))
         raise _StopForward
 
-    def first(*args: Any, **kwargs: Any) -> Any:
-        h = current[0].to(_hidden_from(args, kwargs).dtype)
-        return h if output_len is None else (h, *([None] * (output_len - 1)))
-
-    def passthrough(*args: Any, **kwargs: Any) -> Any:
-        h = _hidden_from(args, kwargs)
-        return h if output_len is None else (h, *([None] * (output_len - 1)))
-
     device = _model_device(model)
-    patched = []
-    for i, name in enumerate(block_names):
-        block = get_module(model, name)
-        patched.append((block, block.__dict__.get("forward")))
-        block.forward = first if i == 0 else passthrough
     handle = target.register_forward_pre_hook(stop)
     try:
-        for i in range(0, hidden.shape[0], batch_size):
-            current[:] = [hidden[i : i + batch_size].to(device)]
-            try:
-                model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with _blocks_skipped(model, block_names, current, output_len):
+            for i in range(0, hidden.shape[0], batch_size):
+                current[:] = [hidden[i : i + batch_size].to(device)]
+                try:
+                    model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
     if len(chunks) != -(-hidden.shape[0] // batch_size):
         raise RuntimeError(f"{type(target).__name__} was not reached by the model's forward after its blocks")
     return torch.cat(chunks)
@@ -300,21 +311,7 @@ def loss_grad_after_blocks(
     grads: list[torch.Tensor] = []
     current: list[torch.Tensor] = []
     total = 0.0
-
-    def first(*args: Any, **kwargs: Any) -> Any:
-        h = current[0].to(_hidden_from(args, kwargs).dtype)
-        return h if output_len is None else (h, *([None] * (output_len - 1)))
-
-    def passthrough(*args: Any, **kwargs: Any) -> Any:
-        h = _hidden_from(args, kwargs)
-        return h if output_len is None else (h, *([None] * (output_len - 1)))
-
     device = _model_device(model)
-    patched = []
-    for i, name in enumerate(block_names):
-        block = get_module(model, name)
-        patched.append((block, block.__dict__.get("forward")))
-        block.forward = first if i == 0 else passthrough
     n = hidden.shape[0]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # the gradient is wanted at ``hidden`` alone
@@ -327,7 +324,7 @@ def loss_grad_after_blocks(
     for p, data in recast.values():
         p.data = data.to(dtype)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _blocks_skipped(model, block_names, current, output_len):
             for i in range(0, n, batch_size):
                 h = hidden[i : i + batch_size].to(device, torch.float32).requires_grad_(True)
                 current[:] = [h]
@@ -341,9 +338,4 @@ def loss_grad_after_blocks(
             p.data = data
         for p in frozen:
             p.requires_grad_(True)
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
     return torch.cat(grads), total

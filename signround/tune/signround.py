@@ -63,11 +63,13 @@ class TunableLayer(nn.Module):
         max_scale: torch.Tensor | None,
         tune_minmax: bool,
         compile_qdq: bool = False,
+        scale_bound: float = 1.0,
     ):
         super().__init__()
         self.orig = module
         self.spec = spec
         self.compile_qdq = compile_qdq
+        self.scale_bound = scale_bound  # the clipping scales are kept in [0, scale_bound]
         # the weight as the module holds it (a bf16 checkpoint's block tuned under autocast keeps
         # its quantized layers in bf16, half a float32 copy): every qdq function upcasts exactly
         w = get_weight(module).detach()
@@ -151,7 +153,8 @@ class TunableLayer(nn.Module):
 
     def _ranges(self) -> tuple[tuple[nn.Parameter, float, float], ...]:
         """Each tuned parameter with the range it is kept in."""
-        return (self.v, -0.5, 0.5), (self.min_scale, 0.0, 1.0), (self.max_scale, 0.0, 1.0)
+        b = self.scale_bound
+        return (self.v, -0.5, 0.5), (self.min_scale, 0.0, b), (self.max_scale, 0.0, b)
 
     @torch.no_grad()
     def signed_step(self, lr: float, minmax_lr: float, momentum: float = 0.0) -> None:
@@ -267,12 +270,42 @@ class _Pass:
     outputs: torch.Tensor | None
 
 
+def alg_ext(spec: QuantSpec) -> tuple[bool, float]:
+    """SignRoundV2's tuning extensions for a layer (``--enable_alg_ext``), as upstream applies them
+    to symmetric integer, MX and NV schemes (not GGUF's double-quantized types): (whether the block
+    loss leaves out the largest 0.1% of output errors, the upper bound of the clipping scales).
+
+    Below 4 bits (or with activations at 4 bits or fewer) a few outputs with huge errors dominate
+    the squared loss and its signs; leaving them out tunes for the bulk. The clipping scales may
+    grow to twice the starting range instead of only shrinking it."""
+    if not (spec.quantized and spec.sym and spec.ggml_type is None and spec.data_type in ("int", "mx_fp", "nv_fp")):
+        return False, 1.0
+    return spec.bits < 4 or (spec.act_quantized and spec.act_bits <= 4), 2.0
+
+
+def sample_errors(out: torch.Tensor, target: torch.Tensor, suppress: bool = False) -> torch.Tensor:
+    """Squared errors ``[B, n]`` of each sample's outputs (float32); ``suppress``: the largest 0.1%
+    of each sample's errors set to zero (alg_ext)."""
+    sq = F.mse_loss(out.float(), target.float(), reduction="none").reshape(out.shape[0], -1)
+    if suppress:
+        k = max(1, sq.shape[1] // 1000)
+        cut = sq.detach().topk(k, dim=1).values[:, -1:]
+        sq = torch.where(sq.detach() >= cut, torch.zeros_like(sq), sq)
+    return sq
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, suppress: bool = False) -> torch.Tensor:
+    """The tuning loss: MSE over the minibatch (without each sample's largest errors when ``suppress``)."""
+    return sample_errors(out, target, True).mean() if suppress else F.mse_loss(out.float(), target.float())
+
+
 def _full_pass(
     run: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     target: Callable[[slice], torch.Tensor],
     bs: int,
     keep_outputs: bool = False,
+    suppress: bool = False,
 ) -> _Pass:
     """MSE against the targets over all samples; optionally the outputs too (stored like x)."""
     per, outs = [], []
@@ -280,8 +313,7 @@ def _full_pass(
         for i in range(0, x.shape[0], bs):
             sl = slice(i, i + bs)
             out = run(x[sl])
-            d = F.mse_loss(out.float(), target(sl).float(), reduction="none")
-            per.append(d.reshape(d.shape[0], -1).double().mean(1).cpu())
+            per.append(sample_errors(out, target(sl), suppress).double().mean(1).cpu())
             if keep_outputs:
                 outs.append(out.to(x.device, x.dtype))  # stored like the inputs (the cache dtype)
     per_sample = torch.cat(per) if per else torch.zeros(0, dtype=torch.float64)
@@ -341,7 +373,10 @@ def tune_unit(
     """
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
-        wrappers[rel] = TunableLayer(mod, spec, None, None, cfg.enable_minmax_tuning, cfg.enable_torch_compile and cfg.iters > 0)
+        bound = alg_ext(spec)[1] if cfg.enable_alg_ext else 1.0
+        wrappers[rel] = TunableLayer(mod, spec, None, None, cfg.enable_minmax_tuning,
+                                     cfg.enable_torch_compile and cfg.iters > 0, bound)
+    suppress = cfg.enable_alg_ext and any(alg_ext(spec)[0] for _, spec in layers.values())
     holder = unit
     if "" in wrappers:  # the unit is a single layer: tune the wrapper itself
         unit = wrappers[""]
@@ -365,7 +400,7 @@ def tune_unit(
 
         def full_pass(keep: bool = False) -> _Pass:
             with shared_weights(layer_list, grad=False, dtype=compute_dtype):  # one qdq per layer for the pass
-                return _full_pass(run_unit, x_q, full_target, bs, keep)
+                return _full_pass(run_unit, x_q, full_target, bs, keep, suppress)
 
         collect = [w for w in wrappers.values() if w.spec.needs_act_range]
         if collect:  # static activation ranges, measured with the RTN weights of earlier layers
@@ -431,7 +466,7 @@ def tune_unit(
                             tb = target(sub, xb)
                         share = len(sub) / (len(idx) * cfg.gradient_accumulate_steps)
                         with torch.no_grad() if last_unscored else contextlib.nullcontext():
-                            loss = F.mse_loss(run(unit, xb).float(), tb.float()) * share
+                            loss = block_loss(run(unit, xb), tb, suppress) * share
                         if not last_unscored:
                             loss.backward()
                         total += loss.item()
