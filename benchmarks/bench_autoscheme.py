@@ -23,7 +23,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_vs_upstream import calibration_texts, evaluate, measure  # noqa: E402
-from upstream_env import MISSING, upstream_python  # noqa: E402
+from bench_vs_upstream import evaluate, load_results, measure, prepare_work  # noqa: E402
+from upstream_env import MISSING  # noqa: E402
 
 INT_OPTIONS = "W2A16G64+W3A16G64+W4A16G64"
 DEFAULT_RUNS = ",".join([
@@ -128,7 +127,9 @@ def layer_specs(out_dir: Path, shapes: dict) -> dict:
     qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     if "config_groups" in qc:  # compressed-tensors
         specs = {n: _spec_of({"bits": 16}) for n in shapes}
-        for g in qc["config_groups"].values():
+        # a layer named by a group (or a regex) takes that group over a class-wide "Linear" target
+        groups = sorted(qc["config_groups"].values(), key=lambda g: g["targets"] != ["Linear"])
+        for g in groups:
             w = g["weights"]
             kind = {"float": "mx_fp" if w.get("group_size") == 32 else "nv_fp" if w.get("group_size") == 16 else "fp",
                     "int": "int"}[w["type"]]
@@ -173,18 +174,10 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / ".bench" / "autoscheme"))
     args = ap.parse_args()
     runs = [parse_run(s) for s in args.runs.split(",") if s]
-    if not Path(args.model).is_dir():
-        subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    calib = work / "calib.json"
-    calib.write_text(json.dumps(calibration_texts(args.model, args.nsamples, args.seqlen)))
-    upy = upstream_python()
+    work, calib, upy = prepare_work(args)
     shapes = linear_shapes(args.model)
     results_path = work / f"results_i{args.iters}.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if "fp" not in results:
-        results["fp"] = {"ppl": evaluate(args.model, True, args)}
+    results = load_results(results_path, args)
     for run in runs:
         print(f"running {run['name']} (iters {args.iters}) ...", flush=True)
         r = {**run, **run_one(run, args, calib, work, upy)}

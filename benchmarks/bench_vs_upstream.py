@@ -260,6 +260,26 @@ def evaluate(path: str, fp: bool, args) -> dict:
     return res
 
 
+def prepare_work(args) -> tuple[Path, Path, Path | None]:
+    """The model (prepared when missing), the work directory with the calibration texts both tools
+    get, and upstream's interpreter (None when its venv is missing)."""
+    if not Path(args.model).is_dir():
+        subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "calib.json"
+    calib.write_text(json.dumps(calibration_texts(args.model, args.nsamples, args.seqlen)))
+    return work, calib, upstream_python()
+
+
+def load_results(path: Path, args) -> dict:
+    """Earlier results of this work directory, with the full-precision model's perplexity."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if "fp" not in results:
+        results["fp"] = {"ppl": evaluate(args.model, True, args)}
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / ".bench" / "SmolLM2-135M"))
@@ -282,17 +302,9 @@ def main() -> int:
     args.label_args = parse_label_args(args.label_args)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
     check_labels(runs, args.label_args)
-    if not Path(args.model).is_dir():
-        subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", args.model], check=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    calib = work / "calib.json"
-    calib.write_text(json.dumps(calibration_texts(args.model, args.nsamples, args.seqlen)))
-    upy = upstream_python()
+    work, calib, upy = prepare_work(args)
     results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if "fp" not in results:
-        results["fp"] = {"ppl": evaluate(args.model, True, args)}
+    results = load_results(results_path, args)
     for run in runs:
         if not args.eval_only:
             print(f"running {run['name']} ...", flush=True)
