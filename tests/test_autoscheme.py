@@ -222,3 +222,21 @@ def test_cli_autoscheme_bad_input(stories_dir, tmp_path, args, match):
                         "--seqlen", "32", "--output_dir", str(tmp_path / "x"), *args], capture_output=True, text=True)
     assert r.returncode == 2 and match in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_scoring_in_chunks_of_samples_agrees_with_one_pass(stories_dir):
+    """Stored block inputs over the memory bound: the samples are scored in chunks (each a forward
+    and a backward pass), summing to about the one-pass scores (the clipping search then weights
+    by the first chunk's inputs only)."""
+    from signround.autoscheme.score import score_groups
+    from signround.autoscheme.select import units_by_block
+
+    ar = AutoRound(str(stories_dir), scheme=AutoScheme(2.9, OPTS), **SMALL)
+    req, plan, ids = ar._request, ar.plan, ar._autoscheme_ids()
+    args = (ar._model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options, ids, ar.cfg,
+            ar.devmap, ar.source, 2)
+    whole = score_groups(*args)
+    per_sample = len(plan.block_names) * ids.shape[1] * ar._model.config.hidden_size * 2  # bf16 or fp32 cache
+    chunked = score_groups(*args, max_cache_bytes=2 * per_sample)  # two chunks (or four with a float32 cache)
+    assert np.all(chunked[:, 0] > chunked[:, 1]) and np.all(chunked[:, 1] > chunked[:, 2])
+    np.testing.assert_allclose(chunked, whole, rtol=0.25)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..devices import DeviceMap
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, loss_grad_after_blocks
 from ..model.layers import Conv1D, get_module, get_weight
-from ..memory import release_memory
+from ..memory import gc_frozen_scope, release_memory
 from ..model.source import WeightSource
 from ..qdq import qdq
 from ..qdq.act import qdq_act
@@ -85,6 +85,7 @@ class _LayerTaps:
 
 
 @flush_denormals()
+@gc_frozen_scope()
 def score_groups(
     model: nn.Module,
     block_names: list[str],
@@ -113,13 +114,13 @@ def score_groups(
     sq: dict[str, torch.Tensor] = {}  # the clipping search's input weights, from the first chunk
     for start in range(0, n, chunk):
         ids = calib_ids[start : start + chunk]
-        _score_chunk(model, block_names, units, options, ids, cfg, devmap, source, min(batch_size, len(ids)),
-                     store, cache, scores, sq)
+        _score_chunk(model, block_names, units, options, ids, len(ids) / n, cfg, devmap, source,
+                     min(batch_size, len(ids)), store, cache, scores, sq)
     logger.info("AutoScheme: scoring took %.1f s", time.time() - t0)
     return scores
 
 
-def _score_chunk(model, block_names, units, options, ids, cfg, devmap, source, bs, store, cache, scores, sq) -> None:
+def _score_chunk(model, block_names, units, options, ids, share, cfg, devmap, source, bs, store, cache, scores, sq) -> None:
     device = devmap.primary
     amp = amp_dtype(device, cfg)
     act_options = [(o, s) for o, s in enumerate(options) if s.quantized and s.act_quantized]
@@ -151,6 +152,7 @@ def _score_chunk(model, block_names, units, options, ids, cfg, devmap, source, b
                 inputs.append(torch.cat(y))
     tail_dtype = amp or torch.float32  # bf16 where the device computes it natively
     g = loss_grad_after_blocks(model, block_names, inputs.pop().float(), ids, cap.output_len, dtype=tail_dtype)[0]
+    g.mul_(share)  # the chunk's part of the mean loss over all samples
     if source.streamed:
         source.release_outside(model, block_names)
     for block in tqdm(list(reversed(block_names)), desc="AutoScheme backward"):
@@ -219,4 +221,4 @@ def _placed(model, block, units, devmap, source, amp, kwargs):
         blk.to(device=orig_device, dtype=orig_dtype)
         if source.streamed:
             source.release(model, block)
-        release_memory()  # the block's float32 copy, activations and gradients go back to the OS
+        release_memory(freeze=True)  # the block's float32 copy, activations and gradients go back to the OS

@@ -128,19 +128,24 @@ class Selection:
         return {n: spec_dict(s) for n, s in self.specs.items()}
 
 
-def select(req: Request, model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor, cfg: TuneConfig,
-           devmap: DeviceMap, source: WeightSource) -> Selection:
-    """Score every group at every option block by block, then the exact budgeted choice."""
-    t0 = time.time()
+def units_by_block(req: Request, plan: QuantPlan) -> dict[str, list[tuple[int, list[str]]]]:
+    """Per block: (group index, the group's layers in that block)."""
     units: dict[str, list[tuple[int, list[str]]]] = {}
     for g, members in enumerate(req.groups):
         for block in plan.block_names:
             inside = [n for n in members if n.startswith(block + ".")]
             if inside:
                 units.setdefault(block, []).append((g, inside))
+    return units
+
+
+def select(req: Request, model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor, cfg: TuneConfig,
+           devmap: DeviceMap, source: WeightSource) -> Selection:
+    """Score every group at every option block by block, then the exact budgeted choice."""
+    t0 = time.time()
     bs = req.auto.batch_size or cfg.batch_size
-    scores = score_groups(model, plan.block_names, units, len(req.groups), req.options, calib_ids, cfg, devmap,
-                          source, min(bs, calib_ids.shape[0]))
+    scores = score_groups(model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options, calib_ids,
+                          cfg, devmap, source, min(bs, calib_ids.shape[0]))
     chosen = choose(req.costs, scores, req.budget * req.params - req.fixed_bits)
     names = [n for n, _ in req.auto.specs]
     rows = []
