@@ -163,9 +163,9 @@ class AutoRound:
         self.tokenizer = tokenizer
         if self.tokenizer is None and not isinstance(model, nn.Module):
             self.tokenizer = load_tokenizer(check_model_path(str(model)), trust_remote_code)
-        if self.cfg.needs_data or self.spec.needs_act_range or self.autoscheme is not None:
+        if self.cfg.needs_data or self.spec.needs_act_range:
             self.calibration_ids()
-            self._autoscheme_ids()
+        self._autoscheme_ids()  # the run's data unless AutoScheme names its own
         # 3. model and plan
         self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
             model, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,

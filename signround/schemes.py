@@ -274,7 +274,7 @@ def _spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
     raise ConfigError(f"{where}: expected a preset name or a dict like {{'bits': 8}}, got {value!r}")
 
 
-def _matches(pattern: str, name: str) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
     """A key matches a layer by exact name, as a literal substring, or as a regex (re.search)."""
     if pattern == name or pattern in name:
         return True
@@ -317,12 +317,12 @@ def resolve_layer_specs(
         if name not in opt_in:
             first = True
             for key, spec in specs.items():
-                if key not in names and _matches(key, name):
+                if key not in names and name_matches(key, name):
                     used.add(key)
                     if first:  # the first matching pattern wins
                         chosen, first = spec, False
             for pat in ignore:
-                if _matches(pat, name):
+                if name_matches(pat, name):
                     chosen = fp
                     used.add("\0ignore:" + pat)
         result[name] = chosen if chosen is not None else fp

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from ..errors import ConfigError
-from ..schemes import _matches
+from ..schemes import name_matches
 
 # projections vLLM / SGLang load as one fused tensor (QKVParallelLinear, MergedColumnParallelLinear)
 _FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
@@ -64,7 +64,7 @@ def scheme_groups(block_layers: dict[str, list[str]], searched: list[str], share
             for n in names:
                 if n not in wanted:
                     continue
-                hit = [p for p in patterns if _matches(p, n[len(block) + 1:]) or _matches(p, n)]
+                hit = [p for p in patterns if name_matches(p, n[len(block) + 1:]) or name_matches(p, n)]
                 if hit:
                     members.append(n)
                     used.update(hit)

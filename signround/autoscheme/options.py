@@ -31,7 +31,9 @@ class AutoScheme:
     it matches within each block; full layer names group those layers across blocks). q/k/v,
     gate/up and the experts of one MoE layer share a scheme without being asked. ``device_map`` /
     ``batch_size``: where and in what batches scoring runs (default: the run's). ``nsamples`` /
-    ``seqlen`` / ``dataset``: scoring data other than the run's calibration data.
+    ``seqlen`` / ``dataset``: scoring data other than the run's calibration data. ``method``,
+    ``enable_torch_compile`` and ``low_cpu_mem_usage`` are upstream's fields, accepted so its calls
+    run: there is one method, and the run's own compile and streaming settings apply to scoring.
     """
 
     avg_bits: float
