@@ -58,8 +58,10 @@ if __name__ == "__main__":
 """
 
 
-def build_model(out: Path, layers: int, seed: int = 0) -> Path:
-    """A random TinyLlama-shaped checkpoint, written one shard (<= 1 GB) at a time."""
+def build_model(out: Path, layers: int, seed: int = 0, shape: dict | None = None,
+                tokenizer: Path = SMOLLM2) -> Path:
+    """A random Llama checkpoint (TinyLlama's shape unless ``shape`` gives another), written one
+    shard (<= 1 GB) at a time, with ``tokenizer``'s tokenizer files."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -69,10 +71,12 @@ def build_model(out: Path, layers: int, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = LlamaConfig(num_hidden_layers=layers, **SHAPE)
+    shape = shape or SHAPE
+    cfg = LlamaConfig(num_hidden_layers=layers, **shape)
     cfg.dtype = "bfloat16"
-    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-    kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    tied = bool(shape.get("tie_word_embeddings"))
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -89,7 +93,8 @@ def build_model(out: Path, layers: int, seed: int = 0) -> Path:
             yield p + "input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
             yield p + "post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
         yield "model.norm.weight", torch.ones(h, dtype=torch.bfloat16)
-        yield "lm_head.weight", rand(v, h)
+        if not tied:
+            yield "lm_head.weight", rand(v, h)
 
     shards: list[dict] = [{}]
     size = 0
@@ -120,7 +125,7 @@ def build_model(out: Path, layers: int, seed: int = 0) -> Path:
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.save_pretrained(tmp)
-    for f in SMOLLM2.iterdir():
+    for f in tokenizer.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, tmp / f.name)
     tmp.rename(out)

@@ -48,8 +48,17 @@ def qdq_values(spec: QuantSpec, w: torch.Tensor, v: torch.Tensor, min_scale: tor
     """qdq(w) values, through the compiled kernel when asked and available (eager otherwise, and
     for good after a compile failure)."""
     if compile_qdq:
+        if w.dtype in (torch.float16, torch.bfloat16) and _padded(w.shape[1], spec.group_size):
+            # torch 2.13's inductor CPU code stores garbage (even NaN) into a half-precision
+            # result's short last group (a padded reduction, then the cast back): SmolLM2's 576
+            # inputs at group 128 under bf16 autocast. Such weights go through in float32.
+            return kernels.call(("qdq", spec), _qdq_values(spec), w.float(), v, min_scale, max_scale).to(w.dtype)
         return kernels.call(("qdq", spec), _qdq_values(spec), w, v, min_scale, max_scale)
     return qdq(w, spec, v=v, min_scale=min_scale, max_scale=max_scale)[0]
+
+
+def _padded(in_features: int, group_size: int) -> bool:
+    return group_size > 0 and in_features % group_size != 0
 
 
 class TunableLayer(nn.Module):
