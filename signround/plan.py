@@ -19,7 +19,8 @@ from .model.layers import (
     quantizable_layer_names,
     tied_lm_head,
 )
-from .schemes import QuantSpec, resolve_layer_specs
+from .model.moe import block_has_experts, fused_experts_left, is_router
+from .schemes import FP_BITS, QuantSpec, spec_from_value, name_matches, resolve_layer_specs
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,12 @@ def build_plan(
     names = [n for b in blocks for n in block_layers[b]]
     if not names:
         raise ConfigError("the selected blocks contain no Linear layers; check to_quant_block_names")
+    layer_config = _check_fused_experts(model, blocks, layer_config, names)
     head = lm_head_name(model)
     candidates = names + ([head] if head else [])
     opt_in = [] if quant_lm_head or not head else [head]
+    # routers of MoE blocks stay in full precision unless a layer_config key names them exactly
+    opt_in += [n for b in blocks if block_has_experts(get_module(model, b)) for n in block_layers[b] if is_router(n)]
     if quant_lm_head and not head:
         raise ConfigError("quant_lm_head was set but this model's output layer is not a Linear layer")
     specs = resolve_layer_specs(candidates, default, layer_config, _parse_names(ignore_layers), opt_in)
@@ -113,6 +117,31 @@ def build_plan(
             head,
         )
     return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras)
+
+
+def _check_fused_experts(model: nn.Module, blocks: list[str], layer_config: Mapping[str, Any] | None,
+                         linear_names: list[str]) -> Mapping[str, Any] | None:
+    """Experts still fused (a layout signround cannot split into Linear layers) would silently
+    stay unquantized: refused unless a layer_config key keeps them at 16 bits (that key is
+    consumed here: it names no Linear layer)."""
+    inside = tuple(b + "." for b in blocks)
+    left = [(n, c) for n, c in fused_experts_left(model) if n.startswith(inside)]
+    if not left:
+        return layer_config
+    rest = dict(layer_config or {})
+    for name, cls in left:
+        keys = [k for k in rest if name_matches(k, name)]
+        if not any(spec_from_value(rest[k], QuantSpec(), k).bits >= FP_BITS for k in keys):
+            short = name.rpartition(".")[0].rpartition(".")[2] + "." + name.rpartition(".")[2]
+            raise ConfigError(
+                f"{name} ({cls}) holds its experts fused in a layout signround cannot split into Linear "
+                f"layers, so they cannot be quantized; to quantize the rest and keep them in full precision, "
+                f"pass layer_config={{\"{short}\": {{\"bits\": 16}}}} (CLI: --layer_config "
+                f"'{{\"{short}\": {{\"bits\": 16}}}}')"
+            )
+    used = {k for name, _ in left for k in rest if name_matches(k, name)}
+    used = {k for k in used if not any(name_matches(k, n) for n in linear_names)}
+    return {k: v for k, v in rest.items() if k not in used}
 
 
 def untie_output_embedding(model: nn.Module, plan: QuantPlan) -> None:

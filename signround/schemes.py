@@ -252,7 +252,7 @@ def resolve_scheme(
     return base.with_overrides(bits=bits, group_size=group_size, sym=sym, **overrides).validate()
 
 
-def _spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
+def spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
     where = f"layer_config[{key!r}]"
     if isinstance(value, QuantSpec):
         return value.validate(where)
@@ -303,7 +303,7 @@ def resolve_layer_specs(
     opt_in = set(opt_in_names)
     layer_config = dict(layer_config or {})
     ignore = [p for p in (ignore_layers or []) if p]
-    specs = {key: _spec_from_value(v, default, key) for key, v in layer_config.items()}
+    specs = {key: spec_from_value(v, default, key) for key, v in layer_config.items()}
     fp = QuantSpec(bits=FP_BITS)
 
     used: set[str] = set()

@@ -85,8 +85,12 @@ class _CompressedSource(WeightSource):
     def __init__(self, path: Path, model: nn.Module, qc: dict, dtype: torch.dtype):
         from .model.source import checkpoint_index
 
-        self.path, self.qc, self.dtype = path, qc, dtype
-        self.index = checkpoint_index(path)
+        from .export.sink import config_names
+        from .model.source import loaded_namer
+
+        namer = loaded_namer(model)  # the checkpoint's names -> the model's (Mixtral's block_sparse_moe)
+        self.path, self.qc, self.dtype = path, config_names(qc, namer), dtype
+        self.index = {namer(k): (file, entry) for k, (file, entry) in checkpoint_index(path).items()}
 
     def _load(self, model: nn.Module, keep, dtype: torch.dtype) -> None:
         from safetensors import safe_open
@@ -94,10 +98,10 @@ class _CompressedSource(WeightSource):
         from .inference.compressed import load_compressed
 
         tensors = {}
-        for key, (file, _) in self.index.items():
+        for key, (file, entry) in self.index.items():
             if keep(key):
                 with safe_open(str(file), "pt") as f:
-                    tensors[key] = f.get_tensor(key)
+                    tensors[key] = f.get_tensor(entry["__key__"])
         if tensors:
             load_compressed(model, self.qc, tensors, self.path, dtype)
 
@@ -126,6 +130,7 @@ def _streamed(directory: Path, format_name: str) -> tuple[nn.Module, WeightSourc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .model.loading import skeleton_dtype
+    from .model.moe import unfuse_experts
     from .model.source import SafetensorsSource
 
     qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
@@ -135,6 +140,7 @@ def _streamed(directory: Path, format_name: str) -> tuple[nn.Module, WeightSourc
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.tie_weights()
+        unfuse_experts(model)
         return model, SafetensorsSource(directory, model)
     if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
         from .inference.loader import _empty_model

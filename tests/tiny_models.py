@@ -38,17 +38,34 @@ def _configs():
     }
 
 
+MOE_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=2, **COMMON)
+
+
+def _moe_configs():
+    import transformers as t
+
+    return {
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(intermediate_size=80, moe_intermediate_size=48, num_experts=8,
+                                              head_dim=16, **MOE_COMMON),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=48, num_experts=8,
+                                              shared_expert_intermediate_size=80, **MOE_COMMON),
+        "mixtral": lambda: t.MixtralConfig(intermediate_size=48, num_local_experts=8, **MOE_COMMON),
+    }
+
+
 ARCHS = list(_configs())
+MOE_ARCHS = list(_moe_configs())
 
 
 def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[arch]())
+    model = AutoModelForCausalLM.from_config({**_configs(), **_moe_configs()}[arch]())
     with torch.no_grad():  # larger-than-default weights so quantization error is visible in logits
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3-D: fused experts
                 p.normal_(0, 0.1)
     model.save_pretrained(out_dir)
     return out_dir

@@ -10,13 +10,15 @@ run needs to continue each file where the last finished block left it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..model.source import checkpoint_namer
 from ..plan import QuantPlan
 from ..qdq import QParams
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
@@ -26,15 +28,16 @@ from .writer import canonical_entries, write_config, write_tokenizer
 class SafetensorsFile:
     """A transformers-style checkpoint directory: sharded safetensors, config, tokenizer."""
 
-    def __init__(self, exporter: Any, d: Path, max_shard_bytes: int, state: dict | None = None):
-        self.exporter, self.d = exporter, d
+    def __init__(self, exporter: Any, d: Path, max_shard_bytes: int, state: dict | None = None,
+                 namer: Callable[[str], str] | None = None):
+        self.exporter, self.d, self.namer = exporter, d, namer
         self.shards = ShardWriter.restore(d, state) if state else ShardWriter(d, max_shard_bytes)
 
     def add(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan) -> None:
         for out_name, out in self.exporter.convert(name, t, qparams, plan):
             if out.is_meta:
                 raise ExportError(f"{name} has no values (meta tensor) and {self.exporter.name} needs them")
-            self.shards.add(out_name, out)
+            self.shards.add(self.namer(out_name) if self.namer else out_name, out)
 
     def state(self) -> dict:
         return self.shards.state()
@@ -44,7 +47,8 @@ class SafetensorsFile:
 
     def finish(self, model: nn.Module, plan: QuantPlan, extra_config: dict, tokenizer: Any) -> None:
         self.shards.finish()
-        write_config(self.d, model, self.exporter.quantization_config(plan, extra_config, model))
+        qc = self.exporter.quantization_config(plan, extra_config, model)
+        write_config(self.d, model, config_names(qc, self.namer) if self.namer and qc else qc)
 
 
 class ExportSink:
@@ -55,6 +59,7 @@ class ExportSink:
         self.exporters, self.root, self.plan, self.source_dir = exporters, root, plan, source_dir
         self.files: dict[str, Any] = {}
         self.entries = canonical_entries(model)
+        namer = checkpoint_namer(model)  # tensors under the names the checkpoint format uses
         for e in exporters:
             d = self.dir_of(e)
             d.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,7 @@ class ExportSink:
             if hasattr(e, "open"):  # single-file containers (gguf)
                 self.files[e.name] = e.open(d, model, plan, source_dir, st)
             else:
-                self.files[e.name] = SafetensorsFile(e, d, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, st)
+                self.files[e.name] = SafetensorsFile(e, d, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, st, namer)
 
     def dir_of(self, exporter: Any) -> Path:
         return self.root if len(self.exporters) == 1 else self.root / exporter.name.replace(":", "-")
@@ -99,6 +104,30 @@ class ExportSink:
                 (d / fname).write_text(text)
             dirs.append(d)
         return dirs
+
+
+def config_names(qc: dict[str, Any], namer: Callable[[str], str]) -> dict[str, Any]:
+    """The layer names inside a quantization_config as the checkpoint names them: auto_round's
+    ``extra_config`` keys, AWQ's ``modules_to_not_convert``, compressed-tensors' ``ignore`` and
+    group ``targets``, GPTQ's ``dynamic`` regexes (``+:^escaped name$``)."""
+    out = dict(qc)
+    if isinstance(out.get("extra_config"), dict):
+        out["extra_config"] = {namer(k): v for k, v in out["extra_config"].items()}
+    for key in ("modules_to_not_convert", "ignore"):
+        if isinstance(out.get(key), list):
+            out[key] = [namer(n) for n in out[key]]
+    if isinstance(out.get("config_groups"), dict):
+        out["config_groups"] = {g: {**v, "targets": [t if t == "Linear" else namer(t) for t in v["targets"]]}
+                                for g, v in out["config_groups"].items()}
+    if isinstance(out.get("dynamic"), dict):
+        def regex(key: str) -> str:
+            m = re.fullmatch(r"([+-]:)\^(.*)\$", key)
+            if not m:
+                return key
+            return m.group(1) + "^" + re.escape(namer(re.sub(r"\\(.)", r"\1", m.group(2)))) + "$"
+
+        out["dynamic"] = {regex(k): v for k, v in out["dynamic"].items()}
+    return out
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:

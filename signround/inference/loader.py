@@ -18,6 +18,9 @@ from ..errors import ModelError
 from ..export.packing import PACKINGS
 from ..model.layers import QUANTIZABLE_TYPES, in_out_features, set_module
 from ..model.loading import check_model_path, parse_dtype
+from ..export.sink import config_names
+from ..model.moe import unfuse_experts
+from ..model.source import loaded_namer
 from ..schemes import QuantSpec
 from .backends import BACKENDS
 from .qlinear import QuantLinear, assign_backends
@@ -114,6 +117,7 @@ def _empty_model(p: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module,
     dtype = resolve_compute_dtype(device, stored, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # experts are stored per expert, as signround quantized them
     return model, dtype
 
 
@@ -130,10 +134,11 @@ def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], de
     from .compressed import load_compressed
 
     model, dtype = _empty_model(p, dtype, device)
+    namer = loaded_namer(model)
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        tensors.update(load_file(str(shard)))
-    n = load_compressed(model, qc, tensors, p, dtype)
+        tensors.update({namer(k): v for k, v in load_file(str(shard)).items()})
+    n = load_compressed(model, config_names(qc, namer), tensors, p, dtype)
     model = _finish(model, p, qc, device)
     logger.info("loaded %d compressed-tensors layers from %s (dequantized once into float Linear layers)", n, p)
     return model
@@ -144,10 +149,11 @@ def quantized_skeleton(p: Path, qc: dict[str, Any], shards: list[Path], dtype: t
     """The architecture of a packed checkpoint on the meta device, its quantized layers already
     QuantLinear (buffers on meta too): (model, compute dtype, layer specs, packing)."""
     packing, default = _format_of(qc, p)
-    keys = [k for f in shards for k in safe_open(str(f), "pt").keys()]
-    quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
     model, dtype = _empty_model(p, dtype, device)
-    specs = _layer_specs(qc, default, quantized)
+    namer = loaded_namer(model)  # the checkpoint's names (Mixtral's block_sparse_moe) -> the model's
+    keys = [namer(k) for f in shards for k in safe_open(str(f), "pt").keys()]
+    quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
+    specs = _layer_specs(config_names(qc, namer), default, quantized)
     modules = dict(model.named_modules())
     for name, spec in specs.items():
         mod = modules.get(name)
@@ -190,15 +196,17 @@ def load_quantized(
         return _load_compressed_tensors(p, qc, shards, device, dtype)
     model, dtype, specs, packing = quantized_skeleton(p, qc, shards, dtype, device)
     expected = set(model.state_dict().keys())
+    namer = loaded_namer(model)
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
-            unknown = {k for k in set(f.keys()) - expected if not k.endswith(".g_idx")}
+            names = {key: namer(key) for key in f.keys()}
+            unknown = {key for key, k in names.items() if k not in expected and not k.endswith(".g_idx")}
             if unknown:
                 raise ModelError(f"{shard.name} holds tensors this model has no place for: {sorted(unknown)[:5]}")
-            for k in f.keys():  # one tensor at a time: memory stays the model's size
+            for key, k in names.items():  # one tensor at a time: memory stays the model's size
                 if k not in expected:
                     continue
-                v = f.get_tensor(k)
+                v = f.get_tensor(key)
                 # assign=True keeps the file's dtype; float tensors (except fp16 scales) follow the requested dtype
                 v = v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
                 model.load_state_dict({k: v}, strict=False, assign=True)

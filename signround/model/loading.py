@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .moe import unfuse_experts
 from .source import InMemorySource, SafetensorsSource, StreamingUnsupported, WeightSource
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def load_model_and_tokenizer(
 ) -> tuple[nn.Module, Any, str | None, WeightSource]:
     """Return (model, tokenizer, source directory or None, weight source)."""
     if isinstance(model, nn.Module):
+        unfuse_experts(model)
         src = getattr(getattr(model, "config", None), "_name_or_path", None)
         return model, tokenizer, src if src and os.path.isdir(src) else None, InMemorySource()
     path = check_model_path(str(model))
@@ -83,6 +85,7 @@ def load_model(path: Path, dtype: Any = "auto", trust_remote_code: bool = False,
         loaded, source = _skeleton(path, dtype, trust_remote_code)
     if loaded is None:
         loaded = _whole(path, dtype, trust_remote_code)
+        unfuse_experts(loaded)
     loaded.eval()
     return loaded, source
 
@@ -163,6 +166,7 @@ def _skeleton(path: Path, dtype: Any, trust_remote_code: bool) -> tuple[nn.Modul
         raise ModelError(f"transformers could not build the model of {path}: {e}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    unfuse_experts(model)  # on the meta device: the experts' Linear layers are read per expert
     try:
         source = SafetensorsSource(path, model)
     except StreamingUnsupported as e:

@@ -17,12 +17,13 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
+from .moe import has_experts, is_expert_converter
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ def _renamer(model: nn.Module, aliases: dict):
         return lambda k: k
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    if has_experts(model):  # the skeleton's experts are per-expert Linear layers, as the checkpoint stores them
+        converters = [t for t in converters if not is_expert_converter(t)]
     prefix = getattr(model, "base_model_prefix", None)
 
     def rename(key: str) -> str:
@@ -254,6 +257,43 @@ def _renamer(model: nn.Module, aliases: dict):
         return new
 
     return rename
+
+
+def checkpoint_namer(model: nn.Module) -> Callable[[str], str] | None:
+    """Model name -> the name transformers' ``save_pretrained`` writes for it (its renamings
+    reversed, legacy ones left out: Mixtral's ``mlp`` is ``block_sparse_moe`` on disk, GPT-NeoX's
+    ``lm_head`` is ``embed_out``), which vLLM and upstream read. None: names are kept as they are.
+    Works on tensor and layer names alike."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                      if not isinstance(t, PrefixChange)]
+        renamings = [r for r in (t.reverse_transform() for t in transforms[::-1]) if isinstance(r, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - other transformers versions: names are used as they are
+        return None
+    if not renamings:
+        return None
+
+    def name(key: str) -> str:
+        return apply_renamings(key + ".", renamings)[:-1]  # the dot lets "lm_head" match "^lm_head\\."
+
+    return name
+
+
+def loaded_namer(model: nn.Module) -> Callable[[str], str]:
+    """Checkpoint name -> model name (the inverse of :func:`checkpoint_namer`), for any tensor or
+    layer name, including the packed tensors transformers has no converter for."""
+    rename = _renamer(model, _aliases(model))
+
+    def name(key: str) -> str:
+        try:
+            return rename(key + ".x")[:-2]
+        except StreamingUnsupported:
+            return key
+
+    return name
 
 
 def _ignorable(key: str) -> bool:

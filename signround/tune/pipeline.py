@@ -28,6 +28,7 @@ from ..devices import DeviceMap, cpu_has_native_bf16
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks
 from ..model.layers import QUANTIZABLE_TYPES, Conv1D, get_module, get_weight
+from ..model.moe import RoutedTokens
 from ..model.source import InMemorySource, WeightSource
 from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
@@ -305,7 +306,8 @@ def quantize_model(
             if index == start:
                 sample_s = time_sample_forward(lambda xb: run(blk, xb), x_fp, device)
                 log_estimate(cfg, sample_s, x_fp.shape[0], len(blocks) - start, device)
-            y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
+            with RoutedTokens(blk) as routed:  # MoE: the tokens each expert is tuned on
+                y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
             if names:
                 prefix = block_name + "."
                 layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
@@ -337,11 +339,17 @@ def quantize_model(
             h.remove()
         hooks = []
         blk.to(device=orig_device, dtype=orig_dtype)
+        if calibrated and routed.counts:
+            stats["expert_tokens"] = dict(routed.counts)
+            starved = routed.starved(1)
+            if starved:  # no gradient reaches them: they keep their optimized-RTN start
+                logger.info("%s: %d experts received no calibration tokens (kept at optimized RTN)", block_name, starved)
         if names:
             stats["seconds"] = round(time.time() - t0, 3)
             result.block_stats[block_name] = stats
-            if "loss_final" in stats:
-                bar.set_postfix_str(f"loss {stats['loss_rtn']:.3g} -> {stats['loss_final']:.3g}")
+            if "loss_final" in stats:  # None: not finite (logged by the tuning loop)
+                bar.set_postfix_str("loss " + " -> ".join("nan" if stats[k] is None else f"{stats[k]:.3g}"
+                                                          for k in ("loss_rtn", "loss_final")))
             logger.debug("%s: %s", block_name, stats)
         if sink is not None:
             sink.block(model, block_name, qparams)

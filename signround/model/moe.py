@@ -1,0 +1,197 @@
+"""Mixture-of-experts layers as one Linear per expert projection.
+
+transformers 5 keeps the experts of an MoE layer fused: ``experts.gate_up_proj`` ``[E, 2I, H]``
+(each expert's gate rows, then its up rows) and ``experts.down_proj`` ``[E, H, I]``, built on load
+from the checkpoint's per-expert tensors by the model's weight conversions (``MergeModulelist`` +
+``Concatenate``). Quantizing needs Linear layers, and vLLM and upstream read per-expert tensors
+under the checkpoint's names, so each fused experts module is replaced by :class:`UnfusedExperts`:
+a ``ModuleList`` of per-expert MLPs whose projections carry the checkpoint's names
+(``mlp.experts.7.down_proj``, Mixtral's ``experts.7.w2``) and whose forward is the fused one's.
+
+The layout is read from the model's own conversion mapping, so only layouts transformers itself
+splits per expert are unfused; any other fused experts module (biases, interleaved gate/up, a
+checkpoint that stores them fused) is left alone and :func:`fused_experts_left` names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # kept in full precision by default
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The checkpoint's names of one expert's gate, up and down projections."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(act(gate(x)) * up(x))``, its Linear layers named as the checkpoint names them."""
+
+    def __init__(self, layout: ExpertLayout, hidden: int, inter: int, act_fn, dtype, device):
+        super().__init__()
+        self.layout = layout
+        self.act_fn = act_fn
+        for name, (i, o) in ((layout.gate, (hidden, inter)), (layout.up, (hidden, inter)), (layout.down, (inter, hidden))):
+            setattr(self, name, nn.Linear(i, o, bias=False, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = self.layout
+        return getattr(self, lo.down)(self.act_fn(getattr(self, lo.gate)(x)) * getattr(self, lo.up)(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Drop-in for a fused experts module: ``forward(hidden_states [T, H], top_k_index [T, k],
+    top_k_weights [T, k])`` as transformers' eager experts loop computes it (each expert sees
+    only the tokens routed to it, weighted by its routing weight, summed per token)."""
+
+    fused_class: str = ""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            # the same order as transformers' loop (routing slot, then token), for identical sums
+            pos, tok = torch.where(top_k_index.T == e)
+            if tok.numel() == 0:
+                continue
+            y = expert(hidden_states[tok]) * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+def _is_fused(module: nn.Module) -> bool:
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+
+
+def _leaf(pattern: str) -> str | None:
+    """``mlp.experts.*.w1.weight`` -> ``w1``."""
+    m = re.search(r"experts\.\*\.(\w+)\.weight$", pattern)
+    return m.group(1) if m else None
+
+
+def expert_layout(model: nn.Module) -> ExpertLayout | None:
+    """The per-expert names of ``model``'s checkpoint conversion (None: transformers does not
+    split this model's experts per expert, or this transformers has no conversion mapping)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - older transformers: experts are Linear modules already
+        return None
+    gate = up = down = None
+    for t in transforms:
+        targets = getattr(t, "target_patterns", None) or []
+        sources = getattr(t, "source_patterns", None) or []
+        ops = [type(op).__name__ for op in getattr(t, "operations", None) or []]
+        if any(str(x).endswith("experts.gate_up_proj") for x in targets) and len(sources) == 2 \
+                and ops == ["MergeModulelist", "Concatenate"]:
+            gate, up = _leaf(sources[0]), _leaf(sources[1])
+        elif any(str(x).endswith("experts.down_proj") for x in targets) and len(sources) == 1 \
+                and ops == ["MergeModulelist"]:
+            down = _leaf(sources[0])
+    if gate and up and down:
+        return ExpertLayout(gate, up, down)
+    return None
+
+
+def is_expert_converter(transform) -> bool:
+    """A conversion that fuses per-expert tensors (not needed once the experts are unfused)."""
+    return any(re.search(r"experts\.(gate_up_proj|down_proj)$", str(x))
+               for x in getattr(transform, "target_patterns", None) or [])
+
+
+def unfuse_experts(model: nn.Module) -> list[str]:
+    """Replace every fused experts module whose layout the model's conversion mapping gives by an
+    :class:`UnfusedExperts` (weights copied per expert, or left on the meta device for a skeleton).
+    Returns the names of the replaced modules."""
+    fused = [(n, m) for n, m in model.named_modules() if _is_fused(m)]
+    if not fused:
+        return []
+    layout = expert_layout(model)
+    if layout is None:
+        return []
+    done = []
+    for name, mod in fused:
+        if any(getattr(mod, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")):
+            continue  # biased experts (gpt-oss) use another layout
+        gu, dn = mod.gate_up_proj, mod.down_proj
+        n_exp, two_inter, hidden = gu.shape
+        inter = two_inter // 2
+        if tuple(dn.shape) != (n_exp, hidden, inter):
+            continue
+        new = UnfusedExperts()
+        new.fused_class = type(mod).__name__
+        for e in range(n_exp):
+            ex = ExpertMLP(layout, hidden, inter, mod.act_fn, gu.dtype, gu.device)
+            if not gu.is_meta:
+                with torch.no_grad():  # own copies: the fused tensors are freed with the old module
+                    getattr(ex, layout.gate).weight.copy_(gu[e, :inter])
+                    getattr(ex, layout.up).weight.copy_(gu[e, inter:])
+                    getattr(ex, layout.down).weight.copy_(dn[e])
+            for p in ex.parameters():
+                p.requires_grad_(False)
+            new.append(ex)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, new)
+        done.append(name)
+    if done:
+        logger.info("%d MoE layers: experts unfused into %d Linear layers each (%s, %s, %s per expert)",
+                    len(done), 3 * len(model.get_submodule(done[0])), layout.gate, layout.up, layout.down)
+    return done
+
+
+def fused_experts_left(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class) of experts modules still fused (a layout signround cannot unfuse)."""
+    return [(n, type(m).__name__) for n, m in model.named_modules() if _is_fused(m)]
+
+
+def is_router(name: str) -> bool:
+    """The layer that routes tokens to experts (kept in full precision by default)."""
+    return name.rpartition(".")[2] in ROUTER_NAMES
+
+
+def has_experts(model: nn.Module) -> bool:
+    return any(isinstance(m, UnfusedExperts) for m in model.modules())
+
+
+def block_has_experts(block: nn.Module) -> bool:
+    """A block with an MoE layer (unfused, or still fused)."""
+    return any(isinstance(m, UnfusedExperts) or _is_fused(m) for m in block.modules())
+
+
+class RoutedTokens:
+    """Counts the tokens each expert of a block receives while active (a context manager)."""
+
+    def __init__(self, block: nn.Module):
+        self.counts: dict[str, list[int]] = {}
+        self._hooks = []
+        for name, mod in block.named_modules():
+            if isinstance(mod, UnfusedExperts):
+                counts = self.counts.setdefault(name, [0] * len(mod))
+                for e, expert in enumerate(mod):
+                    self._hooks.append(expert.register_forward_pre_hook(
+                        lambda _m, args, e=e, counts=counts: counts.__setitem__(e, counts[e] + args[0].shape[0])))
+
+    def __enter__(self) -> "RoutedTokens":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def starved(self, below: int) -> int:
+        return sum(c < below for counts in self.counts.values() for c in counts)

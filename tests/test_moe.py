@@ -1,0 +1,112 @@
+"""Mixture-of-experts: every expert quantized, stored per expert under the checkpoint's names,
+streamed and whole runs identical, routers kept, fused layouts we cannot split refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from signround import AutoRound, QuantLinear, load_quantized
+from signround.errors import ConfigError
+from signround.model.moe import UnfusedExperts, unfuse_experts
+from test_e2e import logits
+from test_streaming import FAST, run_both
+from tiny_models import MOE_ARCHS, _moe_configs
+
+EXPERTS = 8  # tiny_models' MoE configs
+# (name of the MoE module on disk, the checkpoint's gate / up / down names)
+ON_DISK = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+           "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+           "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+
+
+def ids(n=8, seqlen=32, seed=0):
+    return torch.randint(3, 120, (n, seqlen), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def file_keys(d: Path) -> list[str]:
+    return sorted(k for f in d.glob("*.safetensors") for k in safe_open(str(f), "pt").keys())
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_unfused_experts_compute_what_the_fused_ones_do(arch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_moe_configs()[arch]()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    ref = logits(model, 128)
+    assert unfuse_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, UnfusedExperts) and len(experts) == EXPERTS
+    gate, up, down = ON_DISK[arch][1]
+    assert {n for n, m in experts[3].named_children() if isinstance(m, torch.nn.Linear)} == {gate, up, down}
+    torch.testing.assert_close(logits(model, 128), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_every_expert_is_quantized_stored_per_expert_and_loads_back(arch, tiny_model_dir, tmp_path):
+    src = tiny_model_dir(arch)
+    ar = AutoRound(str(src), scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    per_block = 4 + 3 * EXPERTS + (3 if arch == "qwen2_moe" else 0)  # attention, experts, shared expert
+    assert len(ar.plan.quantized) == 2 * per_block
+    kept = [n for n, s in ar.plan.specs.items() if not s.quantized]
+    assert kept == (["model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"]
+                    if arch == "qwen2_moe" else []) + ["lm_head"]
+    out = tmp_path / "q"
+    ar.quantize_and_save(out)
+    moe, (gate, up, down) = ON_DISK[arch]
+    keys = file_keys(out)
+    for e in range(EXPERTS):
+        for proj in (gate, up, down):
+            assert f"model.layers.1.{moe}.experts.{e}.{proj}.qweight" in keys
+    assert f"model.layers.0.{moe}.gate.weight" in keys  # the router, in full precision
+    assert not any("gate_up_proj" in k for k in keys)
+    loaded = load_quantized(str(out))
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(ar.plan.quantized)
+    torch.testing.assert_close(logits(loaded, 128), logits(ar.model, 128), rtol=1e-4, atol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert [c["status"] for c in report["self_check"]] == ["passed"]
+
+
+def test_streamed_signround_on_moe_writes_the_whole_runs_files(tiny_model_dir, tmp_path):
+    streamed, _ = run_both(tiny_model_dir("qwen3_moe"), tmp_path, "auto_round,fake", scheme="W4A16", group_size=16,
+                           iters=3, dataset=ids(4, 16), **FAST)
+    # each expert is tuned on the tokens routed to it: 4 x 16 calibration tokens, 2 experts each
+    for block in ("model.layers.0", "model.layers.1"):
+        counts = streamed.result.block_stats[block]["expert_tokens"]["mlp.experts"]
+        assert len(counts) == EXPERTS and sum(counts) == 4 * 16 * 2
+
+
+@pytest.mark.parametrize("fmt", ["auto_gptq", "auto_awq", "llm_compressor", "fake"])
+def test_mixtral_formats_use_the_checkpoint_names(fmt, tiny_model_dir, tmp_path):
+    """Mixtral's MoE module is ``mlp`` in transformers 5 but ``block_sparse_moe`` in its checkpoints
+    (what vLLM reads): every format writes the checkpoint's names, and each loads back."""
+    src = tiny_model_dir("mixtral")
+    ar = AutoRound(str(src), scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    out = tmp_path / "q"
+    ar.quantize_and_save(out, format=fmt)
+    keys = file_keys(out)
+    assert not any(".mlp." in k for k in keys)
+    assert any(k.startswith("model.layers.1.block_sparse_moe.experts.7.w2.") for k in keys)
+    if fmt == "fake":
+        loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    else:
+        loaded = load_quantized(str(out))
+    torch.testing.assert_close(logits(loaded, 128), logits(ar.model, 128), rtol=1e-4, atol=1e-4)
+
+
+def test_experts_we_cannot_split_are_refused_with_the_fix(tiny_model_dir, monkeypatch):
+    """A fused layout the conversion mapping does not describe (simulated) would stay unquantized:
+    refused naming the class and the layer_config that keeps it in full precision, which works."""
+    import signround.model.moe as moe
+
+    monkeypatch.setattr(moe, "expert_layout", lambda model: None)
+    src = str(tiny_model_dir("qwen3_moe"))
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.experts \(Qwen3MoeExperts\).*\"mlp.experts\": \{\"bits\": 16\}"):
+        AutoRound(src, scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True)
+    ar = AutoRound(src, scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True, layer_config={"mlp.experts": {"bits": 16}})
+    assert len(ar.plan.quantized) == 2 * 4  # attention only; the experts stay fused and exact
