@@ -42,6 +42,8 @@ CASES = {
         layer_config={"down_proj": {"bits": 8}, "v_proj": {"bits": 16},
                       r"layers\.1\.self_attn\.q_proj": {"bits": 2, "sym": False}},
     ),
+    # per-expert tensors, the routers listed as kept (upstream would take them for quantized otherwise)
+    "Qwen3-MoE W4 sym g32, every expert (auto_round)": dict(scheme="W4A16", group_size=32, model="qwen3_moe"),
 }
 
 # Real-model cases (``--model``): group 64, tuned with optimized RTN.
@@ -72,17 +74,21 @@ save_file(out, sys.argv[2])
 """
 
 
-def build_model(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(path: Path, arch: str = "llama") -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
+    common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                             head_dim=32, **common)
+    else:
+        cfg = LlamaConfig(intermediate_size=256, **common)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: fused experts
                 p.normal_(0, 0.1)
     model.save_pretrained(path)
 
@@ -139,7 +145,11 @@ def main() -> int:
         out = work / f"case{i}"
         kw = dict(kw)
         fmt = kw.pop("format", "auto_round")
-        AutoRound(str(src), **tune, **kw).quantize_and_save(out, format=fmt)
+        arch = kw.pop("model", None)  # a case on its own tiny architecture
+        src_i = src if arch is None else work / arch
+        if arch is not None and not src_i.is_dir():
+            build_model(src_i, arch)
+        AutoRound(str(src_i), **tune, **kw).quantize_and_save(out, format=fmt)
         with torch.no_grad():
             ours.append(load_quantized(str(out), dtype=torch.float32)(ids).logits.float())
         dirs.append(str(out))

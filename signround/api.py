@@ -101,6 +101,8 @@ class AutoRound:
         momentum: float | None = None,
         enable_deterministic_algorithms: bool | None = None,
         enable_alg_ext: bool | None = None,
+        calibrate_all_experts: bool | None = None,
+        min_expert_tokens: int | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
@@ -138,7 +140,8 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
             enable_adam=enable_adam, momentum=momentum, enable_deterministic_algorithms=enable_deterministic_algorithms,
-            enable_alg_ext=enable_alg_ext, seed=seed,
+            enable_alg_ext=enable_alg_ext, calibrate_all_experts=calibrate_all_experts,
+            min_expert_tokens=min_expert_tokens, seed=seed,
         )
         self._seqlen_given = seqlen is not None
         self.dataset = DEFAULT_DATASET if dataset is None else dataset

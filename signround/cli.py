@@ -125,6 +125,11 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--enable_alg_ext", action="store_true",
                    help="SignRoundV2's tuning extensions: below 4 bits the block loss leaves out each sample's largest "
                         "0.1%% of output errors, and clipping scales may grow to 2x (symmetric int / MX / NV schemes)")
+    p.add_argument("--calibrate_all_experts", action="store_true",
+                   help="MoE: every expert computes every calibration token (its importance statistics see them all); "
+                        "the block output and the gradients still follow the router")
+    p.add_argument("--min_expert_tokens", type=int, default=None,
+                   help="MoE: experts routed fewer calibration tokens keep their optimized-RTN start (default 32)")
     p.add_argument("--cache_dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached activations (default auto: bf16 where native, fp16 on other GPUs, "
                         "fp32 on CPUs without native bf16); losses stay float32")
@@ -383,6 +388,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         enable_deterministic_algorithms=True if args.enable_deterministic_algorithms else None,
         enable_alg_ext=True if args.enable_alg_ext else None,
+        calibrate_all_experts=True if args.calibrate_all_experts else None,
+        min_expert_tokens=args.min_expert_tokens,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.model_dtype,

@@ -19,7 +19,7 @@ from .model.layers import (
     quantizable_layer_names,
     tied_lm_head,
 )
-from .model.moe import block_has_experts, fused_experts_left, is_router
+from .model.moe import block_has_experts, fused_experts_left, is_router, router_modules
 from .schemes import FP_BITS, QuantSpec, spec_from_value, name_matches, resolve_layer_specs
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class QuantPlan:
     ggml_ftype: str | None = None  # the llama.cpp file type of a GGUF scheme
     # tensors outside the tuned set that the file type quantizes (token embedding, output), RTN
     ggml_extras: dict[str, QuantSpec] = field(default_factory=dict)
+    # MoE routers that are not Linear layers (kept in full precision; formats that list the layers
+    # they keep, as upstream's extra_config does, name them too)
+    routers: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> dict[str, QuantSpec]:
@@ -116,7 +119,8 @@ def build_plan(
             head,
             head,
         )
-    return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras)
+    routers = [f"{b}.{r}" for b in blocks for r in router_modules(get_module(model, b))]
+    return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras, routers)
 
 
 def _check_fused_experts(model: nn.Module, blocks: list[str], layer_config: Mapping[str, Any] | None,

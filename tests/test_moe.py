@@ -64,6 +64,9 @@ def test_every_expert_is_quantized_stored_per_expert_and_loads_back(arch, tiny_m
         for proj in (gate, up, down):
             assert f"model.layers.1.{moe}.experts.{e}.{proj}.qweight" in keys
     assert f"model.layers.0.{moe}.gate.weight" in keys  # the router, in full precision
+    # ... and listed as kept, as upstream lists it (its loader would expect a quantized router otherwise)
+    extra = json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"]
+    assert extra[f"model.layers.1.{moe}.gate"] == {"bits": 16, "data_type": "float"}
     assert not any("gate_up_proj" in k for k in keys)
     loaded = load_quantized(str(out))
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(ar.plan.quantized)
@@ -110,3 +113,56 @@ def test_experts_we_cannot_split_are_refused_with_the_fix(tiny_model_dir, monkey
         AutoRound(src, scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True)
     ar = AutoRound(src, scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True, layer_config={"mlp.experts": {"bits": 16}})
     assert len(ar.plan.quantized) == 2 * 4  # attention only; the experts stay fused and exact
+
+
+def test_calibrate_all_experts_changes_the_statistics_not_the_output(tiny_model_dir):
+    """Every expert computes every token (so its importance statistics see them all), while the
+    block's output, and so the routed-token counts and the files' shapes, follow the router."""
+    from signround.model.moe import RoutedTokens, set_calibrate_all
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("qwen3_moe"))).eval()
+    unfuse_experts(model)
+    block = model.model.layers[0]
+    seen = []
+    hook = block.mlp.experts[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    x = torch.tensor(ids(2, 24))
+    with torch.no_grad(), RoutedTokens(block) as routed:
+        ref = model(x).logits
+    set_calibrate_all(block, True)
+    with torch.no_grad():
+        out = model(x).logits
+    hook.remove()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert seen[-1] == 48 and seen[0] == routed.counts["mlp.experts"][0] < 48
+
+
+def test_calibrate_all_experts_tunes_on_routed_tokens(tiny_model_dir, tmp_path):
+    ar = AutoRound(str(tiny_model_dir("mixtral")), scheme="W4A16", group_size=16, iters=2, dataset=ids(4, 16),
+                   calibrate_all_experts=True, **FAST)
+    ar.quantize_and_save(tmp_path / "q")
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    counts = report["blocks"]["model.layers.0"]["expert_tokens"]["mlp.experts"]
+    assert sum(counts) == 4 * 16 * 2  # routed tokens, not tokens x experts
+    assert [c["status"] for c in report["self_check"]] == ["passed"]
+
+
+def test_experts_routed_too_few_tokens_keep_their_start(tiny_model_dir, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    def experts(out: Path) -> dict:
+        t = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        # block 0's: later blocks' starts depend on the tuned blocks before them (their inputs)
+        return {k: v for k, v in t.items() if k.startswith("model.layers.0.mlp.experts.")}
+
+    src = str(tiny_model_dir("qwen3_moe"))
+    outs = {}
+    for label, iters, least in (("frozen20", 20, 10**6), ("frozen40", 40, 10**6), ("tuned20", 20, 0)):
+        with caplog.at_level("INFO", logger="signround"):
+            ar = AutoRound(src, scheme="W2A16", group_size=16, iters=iters, dataset=ids(4, 16),
+                           min_expert_tokens=least, **FAST)
+            ar.quantize_and_save(tmp_path / label)
+        outs[label] = experts(tmp_path / label)
+    assert "model.layers.1: 8 of 8 experts were routed fewer than 1000000 calibration tokens" in caplog.text
+    # experts below the threshold never move off their start, however long the others tune
+    assert all(torch.equal(outs["frozen20"][k], outs["frozen40"][k]) for k in outs["frozen20"])
+    assert any(not torch.equal(outs["frozen20"][k], outs["tuned20"][k]) for k in outs["frozen20"])

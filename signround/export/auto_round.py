@@ -58,6 +58,8 @@ def extra_config(plan: QuantPlan) -> dict[str, dict[str, Any]]:
             diff = {k: v for k, v in d.items() if default[k] != v}
             if diff:
                 extra[name] = diff
+    for name in plan.routers:  # kept; upstream's loader would take a router it is not told about for quantized
+        extra[name] = {"bits": 16, "data_type": "float"}
     return extra
 
 

@@ -57,6 +57,8 @@ class UnfusedExperts(nn.ModuleList):
     only the tokens routed to it, weighted by its routing weight, summed per token)."""
 
     fused_class: str = ""
+    counts: list[int] | None = None  # tokens routed to each expert, while RoutedTokens counts
+    calibrate_all = False  # every expert computes every token (upstream's calibrate_all_experts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -64,10 +66,15 @@ class UnfusedExperts(nn.ModuleList):
         for e, expert in enumerate(self):
             # the same order as transformers' loop (routing slot, then token), for identical sums
             pos, tok = torch.where(top_k_index.T == e)
-            if tok.numel() == 0:
+            if self.counts is not None:
+                self.counts[e] += tok.numel()
+            if self.calibrate_all:  # hooks (importance, activation ranges) see every token
+                y = expert(hidden_states)[tok]
+            elif tok.numel() == 0:
                 continue
-            y = expert(hidden_states[tok]) * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+            else:
+                y = expert(hidden_states[tok])
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
 
 
@@ -164,6 +171,20 @@ def is_router(name: str) -> bool:
     return name.rpartition(".")[2] in ROUTER_NAMES
 
 
+def router_modules(block: nn.Module) -> list[str]:
+    """Routers of an MoE block that are not Linear layers (transformers 5's TopKRouter modules)."""
+    if not block_has_experts(block):
+        return []
+    return [n for n, m in block.named_modules() if n and is_router(n) and not isinstance(m, nn.Linear)
+            and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+def set_calibrate_all(block: nn.Module, on: bool) -> None:
+    for m in block.modules():
+        if isinstance(m, UnfusedExperts):
+            m.calibrate_all = on
+
+
 def has_experts(model: nn.Module) -> bool:
     return any(isinstance(m, UnfusedExperts) for m in model.modules())
 
@@ -174,24 +195,26 @@ def block_has_experts(block: nn.Module) -> bool:
 
 
 class RoutedTokens:
-    """Counts the tokens each expert of a block receives while active (a context manager)."""
+    """Counts the tokens each expert of a block is routed while active (a context manager)."""
 
     def __init__(self, block: nn.Module):
         self.counts: dict[str, list[int]] = {}
-        self._hooks = []
-        for name, mod in block.named_modules():
-            if isinstance(mod, UnfusedExperts):
-                counts = self.counts.setdefault(name, [0] * len(mod))
-                for e, expert in enumerate(mod):
-                    self._hooks.append(expert.register_forward_pre_hook(
-                        lambda _m, args, e=e, counts=counts: counts.__setitem__(e, counts[e] + args[0].shape[0])))
+        self._modules = [(n, m) for n, m in block.named_modules() if isinstance(m, UnfusedExperts)]
 
     def __enter__(self) -> "RoutedTokens":
+        for name, mod in self._modules:
+            mod.counts = self.counts.setdefault(name, [0] * len(mod))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
+        for _, mod in self._modules:
+            mod.counts = None
 
     def starved(self, below: int) -> int:
         return sum(c < below for counts in self.counts.values() for c in counts)
+
+    def layers_below(self, below: int, layers) -> frozenset[str]:
+        """The layers (names relative to the block) of experts routed fewer than ``below`` tokens."""
+        prefixes = tuple(f"{name}.{e}." for name, counts in self.counts.items() for e, c in enumerate(counts)
+                         if c < below)
+        return frozenset(n for n in layers if prefixes and n.startswith(prefixes))

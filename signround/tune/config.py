@@ -36,6 +36,8 @@ class TuneConfig:
     momentum: float = 0.0  # momentum of the signed steps (upstream's --momentum)
     enable_deterministic_algorithms: bool = False
     enable_alg_ext: bool = False  # SignRoundV2's tuning extensions (see tune/signround.py: alg_ext)
+    calibrate_all_experts: bool = False  # MoE: experts also compute the tokens not routed to them
+    min_expert_tokens: int = 32  # MoE: experts routed fewer calibration tokens keep their optimized-RTN start
     seed: int = 42
 
     @property
@@ -80,10 +82,11 @@ class TuneConfig:
         return lr, self.minmax_lr if self.minmax_lr is not None else lr * steps[1]
 
     def validate(self) -> "TuneConfig":
-        for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen"):
+        for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen", "min_expert_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "iters" else 1):
-                raise ConfigError(f"{name} must be a {'non-negative' if name == 'iters' else 'positive'} integer, got {v!r}")
+            lowest = 0 if name in ("iters", "min_expert_tokens") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
+                raise ConfigError(f"{name} must be a {'non-negative' if lowest == 0 else 'positive'} integer, got {v!r}")
         if self.cache_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ConfigError(f"cache_dtype {self.cache_dtype!r} is not one of auto, float32, bfloat16, float16")
         if not 0.0 <= self.momentum < 1.0:

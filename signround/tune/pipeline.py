@@ -28,7 +28,7 @@ from ..devices import DeviceMap, cpu_has_native_bf16
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks
 from ..model.layers import QUANTIZABLE_TYPES, Conv1D, get_module, get_weight
-from ..model.moe import RoutedTokens
+from ..model.moe import RoutedTokens, set_calibrate_all
 from ..model.source import InMemorySource, WeightSource
 from ..plan import QuantPlan, untie_output_embedding
 from ..qdq import QParams
@@ -297,6 +297,7 @@ def quantize_model(
             # in it anyway and qdq upcasts exactly, so a float32 copy of the block is not needed
             keep = tuple(get_module(model, n) for n in names) if amp_dtype(device, cfg) is not None else ()
             hooks = place_block(blk, devmap, torch.float32, keep)
+            set_calibrate_all(blk, cfg.calibrate_all_experts)
             kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
 
             def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
@@ -312,8 +313,9 @@ def quantize_model(
                 prefix = block_name + "."
                 layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
                 bar_step = _live_loss(bar, cfg)
+                frozen = routed.layers_below(cfg.min_expert_tokens, layers)
                 res = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs,
-                                     gen, keep_outputs=cfg.enable_quanted_input, on_step=bar_step)
+                                     gen, keep_outputs=cfg.enable_quanted_input, on_step=bar_step, frozen=frozen)
                 qparams = {prefix + rel: qp for rel, qp in res.qparams.items()}
                 stats = res.stats.as_dict()
             if not cfg.enable_quanted_input:
@@ -323,6 +325,7 @@ def quantize_model(
             else:
                 x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
             x_fp = y_fp
+            set_calibrate_all(blk, False)
         else:
             hooks = place_block(blk, devmap, orig_dtype)  # on the tuning device, in its own dtype
             with torch.no_grad():
@@ -341,9 +344,12 @@ def quantize_model(
         blk.to(device=orig_device, dtype=orig_dtype)
         if calibrated and routed.counts:
             stats["expert_tokens"] = dict(routed.counts)
-            starved = routed.starved(1)
-            if starved:  # no gradient reaches them: they keep their optimized-RTN start
-                logger.info("%s: %d experts received no calibration tokens (kept at optimized RTN)", block_name, starved)
+            few = routed.starved(cfg.min_expert_tokens)
+            if few and cfg.mode == "signround":
+                stats["experts_kept_at_start"] = few
+                logger.info("%s: %d of %d experts were routed fewer than %d calibration tokens: kept at optimized RTN "
+                            "(--min_expert_tokens; more --nsamples routes more)", block_name, few,
+                            sum(len(c) for c in routed.counts.values()), cfg.min_expert_tokens)
         if names:
             stats["seconds"] = round(time.time() - t0, 3)
             result.block_stats[block_name] = stats
@@ -438,7 +444,7 @@ def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], devi
 
 
 def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, gen, keep_outputs=False,
-                   on_step=None) -> UnitResult:
+                   on_step=None, frozen: frozenset[str] = frozenset()) -> UnitResult:
     """One unit (block or single layer): optimized-RTN start, then SignRound when iters > 0."""
     def grids(spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(clipping candidates, refit candidates)."""
@@ -464,7 +470,7 @@ def _quantize_unit(unit, layers, run, x_q, target, cfg: TuneConfig, device, bs, 
     iters_cfg = cfg if cfg.mode == "signround" else _zero_iters(cfg)
     # plain RTN reaches here only for static activation ranges: no clipping search
     return tune_unit(unit, layers, x_q, target, run, iters_cfg, device, None if cfg.mode == "rtn" else init, gen,
-                     keep_outputs, on_step, amp_dtype(device, cfg))
+                     keep_outputs, on_step, amp_dtype(device, cfg), frozen)
 
 
 def _zero_iters(cfg: TuneConfig) -> TuneConfig:

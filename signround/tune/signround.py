@@ -102,6 +102,7 @@ class TunableLayer(nn.Module):
         # backprop_shared(sign_only=True): the signs of the gradients as int8, a quarter of float32
         # gradients, when the plain signed step is all that reads them
         self._signs: dict[int, torch.Tensor] = {}
+        self.frozen = False  # kept at the start: no gradient is carried to its parameters
 
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
         return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
@@ -208,7 +209,7 @@ def shared_weights(wrappers: list[TunableLayer], grad: bool, dtype: torch.dtype 
     then run as several smaller forward/backward passes (less activation memory) whose gradient
     is the whole minibatch's, for one qdq forward and backward per step."""
     for w in wrappers:
-        w.share_weight(grad, dtype)
+        w.share_weight(grad and not w.frozen, dtype)
     try:
         yield
     finally:
@@ -367,6 +368,7 @@ def tune_unit(
     keep_outputs: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     compute_dtype: torch.dtype | None = None,
+    frozen: frozenset[str] = frozenset(),
 ) -> UnitResult:
     """Tune the layers of ``unit`` and bake them; returns their QParams and loss statistics.
 
@@ -379,12 +381,14 @@ def tune_unit(
     unit's quantized-chain inputs), saving a forward pass. ``on_step(iteration, minibatch loss)``
     is called after every iteration (the progress bar's live loss). ``compute_dtype``: the autocast
     dtype ``run`` computes in (None: float32), in which the shared qdq weights are held.
+    ``frozen``: layers kept at their start (experts routed too few tokens to tune on).
     """
     wrappers: dict[str, TunableLayer] = {}
     for rel, (mod, spec) in layers.items():
         bound = alg_ext(spec)[1] if cfg.enable_alg_ext else 1.0
         wrappers[rel] = TunableLayer(mod, spec, None, None, cfg.enable_minmax_tuning,
                                      cfg.enable_torch_compile and cfg.iters > 0, bound)
+        wrappers[rel].frozen = rel in frozen
     suppress = cfg.enable_alg_ext and any(alg_ext(spec)[0] for _, spec in layers.values())
     holder = unit
     if "" in wrappers:  # the unit is a single layer: tune the wrapper itself
