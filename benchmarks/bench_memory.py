@@ -124,6 +124,12 @@ def build_model(out: Path, layers: int, seed: int = 0, shape: dict | None = None
         total += (tmp / final).stat().st_size
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return finish_model_dir(tmp, out, cfg, tokenizer)
+
+
+def finish_model_dir(tmp: Path, out: Path, cfg, tokenizer: Path = SMOLLM2) -> Path:
+    """Config and ``tokenizer``'s tokenizer files into ``tmp``, then ``tmp`` renamed to ``out``
+    (a build that dies leaves no directory that looks finished)."""
     cfg.save_pretrained(tmp)
     for f in tokenizer.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):

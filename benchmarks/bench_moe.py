@@ -29,6 +29,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(HERE))
+from bench_memory import finish_model_dir  # noqa: E402
 from upstream_env import upstream_python  # noqa: E402
 
 SMOLLM2 = REPO / ".bench" / "SmolLM2-135M"
@@ -85,12 +87,7 @@ def build_smolmoe(out: Path, experts: int, top_k: int, noise: float = 0.01, seed
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(tmp)
-    for f in SMOLLM2.iterdir():
-        if "token" in f.name or f.name.endswith(".jinja"):
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out)
-    return out
+    return finish_model_dir(tmp, out, cfg)
 
 
 def bench(model: Path, runs: str, work: Path, extra: list[str]) -> dict:
