@@ -149,19 +149,25 @@ def main() -> int:
     ap.add_argument("--runs", default="ours:W4G64:0,upstream:W4G64:0,ours:W4G64:50,upstream:W4G64:50")
     ap.add_argument("--dense_runs", default="ours:W4G64:50", help="the same runs on dense SmolLM2 ('' skips)")
     ap.add_argument("--work", default=str(REPO / ".bench" / "moe"))
+    ap.add_argument("--report_only", action="store_true", help="print the tables of the runs already in --work")
     a, extra = ap.parse_known_args()
     if not (SMOLLM2 / "model.safetensors").is_file():
         subprocess.run([sys.executable, str(HERE / "prepare_smollm2.py"), "--out", str(SMOLLM2)], check=True)
     work = Path(a.work)
     model = build_smolmoe(work / f"smolmoe-{a.experts}x{a.top_k}", a.experts, a.top_k)
-    moe = bench(model, a.runs, work / "moe-runs", extra)
-    dense = bench(SMOLLM2, a.dense_runs, work / "dense-runs", extra) if a.dense_runs else {}
+    if a.report_only:  # the tables of earlier runs (e.g. after adding upstream runs with AR_DISABLE_META_LOAD=1)
+        moe = json.loads((work / "moe-runs" / "results.json").read_text())
+        dense_path = work / "dense-runs" / "results.json"
+        dense = json.loads(dense_path.read_text()) if dense_path.is_file() else {}
+    else:
+        moe = bench(model, a.runs, work / "moe-runs", extra)
+        dense = bench(SMOLLM2, a.dense_runs, work / "dense-runs", extra) if a.dense_runs else {}
     upy = upstream_python()
     print(f"\nSmolMoE: SmolLM2-135M as a Mixtral, {a.experts} experts, top-{a.top_k}; fp perplexity "
           f"WikiText-2 {moe['fp']['ppl']['wikitext2']:.2f} / tinyshakespeare {moe['fp']['ppl']['tinyshakespeare']:.2f} "
           f"(dense SmolLM2: {dense.get('fp', {}).get('ppl', {}).get('wikitext2', float('nan')):.2f})\n")
     print("| model | run | WikiText-2 | tinyshakespeare | wall s | peak RSS MiB | s/block | routed tokens per expert "
-          "(min / median / max) | upstream loads it |")
+          "(min / median / max) | upstream loads it (logit diff to signround's loader) |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for label, results in (("SmolMoE", moe), ("SmolLM2 (dense)", dense)):
@@ -171,13 +177,17 @@ def main() -> int:
             ppl = r.get("ppl", {})
             routed = routed_summary(r["dir"]) if name.startswith("ours") else None
             loads = "-"
-            if name.startswith("ours") and label == "SmolMoE" and upy is not None and r.get("returncode") == 0:
+            if label == "SmolMoE" and upy is not None and r.get("returncode") == 0:  # upstream's own files too
                 loads = upstream_loads(r["dir"], upy, work)
             route = f"{routed['min']} / {routed['median']:.0f} / {routed['max']}" if routed else "-"
             secs = block_seconds(r["dir"]) if name.startswith("ours") else None
             row = dict(model=label, run=name, **ppl, seconds=r["seconds"], peak_rss_mb=r["peak_rss_mb"],
-                       block_s=secs, routed=routed, upstream_loads=loads)
+                       block_s=secs, routed=routed, upstream_loads=loads, returncode=r.get("returncode"))
             rows.append(row)
+            if r.get("returncode"):
+                last = (r.get("error") or "").strip().splitlines()[-1:] or [""]
+                print(f"| {label} | {name} | failed after {r['seconds']:.0f} s: {last[0][:160]} | | | | | | |")
+                continue
             print(f"| {label} | {name} | {ppl.get('wikitext2', float('nan')):.2f} | "
                   f"{ppl.get('tinyshakespeare', float('nan')):.2f} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
                   f"{'-' if secs is None else f'{secs:.2f}'} | {route} | {loads} |")

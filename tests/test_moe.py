@@ -166,3 +166,26 @@ def test_experts_routed_too_few_tokens_keep_their_start(tiny_model_dir, tmp_path
     # experts below the threshold never move off their start, however long the others tune
     assert all(torch.equal(outs["frozen20"][k], outs["frozen40"][k]) for k in outs["frozen20"])
     assert any(not torch.equal(outs["frozen20"][k], outs["tuned20"][k]) for k in outs["frozen20"])
+
+
+def test_mixtral_files_with_generic_expert_names_load(tiny_model_dir, tmp_path):
+    """Upstream auto-round 0.16.1, loading a Mixtral whole, writes its experts as
+    block_sparse_moe.experts.N.{gate,up,down}_proj: those files load as the w1 / w3 / w2 ones do."""
+    from safetensors.torch import load_file, save_file
+
+    ar = AutoRound(str(tiny_model_dir("mixtral")), scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True,
+                   low_cpu_mem_usage=False)
+    out = tmp_path / "q"
+    ar.quantize_and_save(out)
+    generic = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        renamed = {}
+        for k, v in tensors.items():
+            for a, b in generic.items():
+                k = k.replace(a, b)
+            renamed[k] = v
+        save_file(renamed, str(f), metadata={"format": "pt"})
+    assert any(".experts.3.up_proj.qweight" in k for k in file_keys(out))
+    loaded = load_quantized(str(out))
+    torch.testing.assert_close(logits(loaded, 128), logits(ar.model, 128), rtol=1e-4, atol=1e-4)

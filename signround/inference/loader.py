@@ -19,7 +19,7 @@ from ..export.packing import PACKINGS
 from ..model.layers import QUANTIZABLE_TYPES, in_out_features, set_module
 from ..model.loading import check_model_path, parse_dtype
 from ..export.sink import config_names
-from ..model.moe import unfuse_experts
+from ..model.moe import UnfusedExperts, unfuse_experts
 from ..model.source import loaded_namer
 from ..schemes import QuantSpec
 from .backends import BACKENDS
@@ -102,6 +102,26 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 
+def file_namer(model: nn.Module):
+    """A packed checkpoint's tensor name -> the model's: transformers' renamings (Mixtral's
+    block_sparse_moe is mlp), and expert projections under the generic gate_proj / up_proj /
+    down_proj names where the architecture's checkpoints use others (upstream auto-round 0.16.1
+    writes Mixtral's w1 / w3 / w2 so when it loads the model whole)."""
+    rename = loaded_namer(model)
+    layout = next((m[0].layout for m in model.modules() if isinstance(m, UnfusedExperts) and len(m)), None)
+    generic = {"gate_proj": layout.gate, "up_proj": layout.up, "down_proj": layout.down} if layout else {}
+    if all(k == v for k, v in generic.items()):
+        return rename
+    pattern = re.compile(r"(.*\.experts\.\d+\.)(gate_proj|up_proj|down_proj)(\..*)")
+
+    def name(key: str) -> str:
+        key = rename(key)
+        m = pattern.fullmatch(key)
+        return m.group(1) + generic[m.group(2)] + m.group(3) if m else key
+
+    return name
+
+
 def _empty_model(p: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module, torch.dtype]:
     """The architecture of ``p`` with weights on the meta device, and the dtype it will compute in
     (``dtype``, or chosen for ``device``: see :func:`signround.devices.default_compute_dtype`)."""
@@ -150,7 +170,7 @@ def quantized_skeleton(p: Path, qc: dict[str, Any], shards: list[Path], dtype: t
     QuantLinear (buffers on meta too): (model, compute dtype, layer specs, packing)."""
     packing, default = _format_of(qc, p)
     model, dtype = _empty_model(p, dtype, device)
-    namer = loaded_namer(model)  # the checkpoint's names (Mixtral's block_sparse_moe) -> the model's
+    namer = file_namer(model)  # the checkpoint's names (Mixtral's block_sparse_moe) -> the model's
     keys = [namer(k) for f in shards for k in safe_open(str(f), "pt").keys()]
     quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
     specs = _layer_specs(config_names(qc, namer), default, quantized)
@@ -196,7 +216,7 @@ def load_quantized(
         return _load_compressed_tensors(p, qc, shards, device, dtype)
     model, dtype, specs, packing = quantized_skeleton(p, qc, shards, dtype, device)
     expected = set(model.state_dict().keys())
-    namer = loaded_namer(model)
+    namer = file_namer(model)
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             names = {key: namer(key) for key in f.keys()}
