@@ -136,7 +136,7 @@ def _check_fused_experts(model: nn.Module, blocks: list[str], layer_config: Mapp
     for name, cls in left:
         keys = [k for k in rest if name_matches(k, name)]
         if not any(spec_from_value(rest[k], QuantSpec(), k).bits >= FP_BITS for k in keys):
-            short = name.rpartition(".")[0].rpartition(".")[2] + "." + name.rpartition(".")[2]
+            short = ".".join(name.split(".")[-2:])  # e.g. mlp.experts
             raise ConfigError(
                 f"{name} ({cls}) holds its experts fused in a layout signround cannot split into Linear "
                 f"layers, so they cannot be quantized; to quantize the rest and keep them in full precision, "

@@ -86,9 +86,9 @@ class _CompressedSource(WeightSource):
         from .model.source import checkpoint_index
 
         from .export.sink import config_names
-        from .model.source import loaded_namer
+        from .inference.loader import file_namer
 
-        namer = loaded_namer(model)  # the checkpoint's names -> the model's (Mixtral's block_sparse_moe)
+        namer = file_namer(model)  # the checkpoint's names -> the model's (Mixtral's block_sparse_moe)
         self.path, self.qc, self.dtype = path, config_names(qc, namer), dtype
         self.index = {namer(k): (file, entry) for k, (file, entry) in checkpoint_index(path).items()}
 

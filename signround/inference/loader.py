@@ -103,10 +103,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def file_namer(model: nn.Module):
-    """A packed checkpoint's tensor name -> the model's: transformers' renamings (Mixtral's
+    """A quantized checkpoint's tensor name -> the model's: transformers' renamings (Mixtral's
     block_sparse_moe is mlp), and expert projections under the generic gate_proj / up_proj /
-    down_proj names where the architecture's checkpoints use others (upstream auto-round 0.16.1
-    writes Mixtral's w1 / w3 / w2 so when it loads the model whole)."""
+    down_proj names where the architecture's checkpoints use others (upstream auto-round 0.16.1,
+    loading a Mixtral whole, writes its w1 / w3 / w2 under those names)."""
     rename = loaded_namer(model)
     layout = next((m[0].layout for m in model.modules() if isinstance(m, UnfusedExperts) and len(m)), None)
     generic = {"gate_proj": layout.gate, "up_proj": layout.up, "down_proj": layout.down} if layout else {}
@@ -154,7 +154,7 @@ def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], de
     from .compressed import load_compressed
 
     model, dtype = _empty_model(p, dtype, device)
-    namer = loaded_namer(model)
+    namer = file_namer(model)
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update({namer(k): v for k, v in load_file(str(shard)).items()})

@@ -56,7 +56,6 @@ class UnfusedExperts(nn.ModuleList):
     top_k_weights [T, k])`` as transformers' eager experts loop computes it (each expert sees
     only the tokens routed to it, weighted by its routing weight, summed per token)."""
 
-    fused_class: str = ""
     counts: list[int] | None = None  # tokens routed to each expert, while RoutedTokens counts
     calibrate_all = False  # every expert computes every token (upstream's calibrate_all_experts)
 
@@ -140,7 +139,6 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         if tuple(dn.shape) != (n_exp, hidden, inter):
             continue
         new = UnfusedExperts()
-        new.fused_class = type(mod).__name__
         for e in range(n_exp):
             ex = ExpertMLP(layout, hidden, inter, mod.act_fn, gu.dtype, gu.device)
             if not gu.is_meta:
