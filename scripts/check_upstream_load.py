@@ -1,4 +1,5 @@
-"""Check that upstream auto-round loads our auto_round, auto_gptq and auto_awq files with our logits.
+"""Check that upstream auto-round loads our auto_round (integer and floating-point), auto_gptq and
+auto_awq files with our logits.
 
 Quantizes a tiny random Llama (sizes upstream kernels accept) with several schemes, saves each in the
 auto_round format, computes logits with ``signround.load_quantized``, then loads the same directory in
@@ -42,6 +43,11 @@ CASES = {
         layer_config={"down_proj": {"bits": 8}, "v_proj": {"bits": 16},
                       r"layers\.1\.self_attn\.q_proj": {"bits": 2, "sym": False}},
     ),
+    # floating-point schemes: compressed-tensors tensors under an auto-round config
+    "MXFP4 (auto_round:llm_compressor)": dict(scheme="MXFP4"),
+    "MXFP8, rceil activations (auto_round:llm_compressor)": dict(scheme="MXFP8"),
+    "NVFP4 (auto_round:llm_compressor)": dict(scheme="NVFP4"),
+    "FP8_STATIC (auto_round:fp8_static)": dict(scheme="FP8_STATIC"),
     # per-expert tensors, the routers listed as kept (upstream would take them for quantized otherwise)
     "Qwen3-MoE W4 sym g32, every expert (auto_round)": dict(scheme="W4A16", group_size=32, model="qwen3_moe"),
 }
@@ -55,7 +61,7 @@ MODEL_CASES = {
 }
 
 UPSTREAM_CHILD = r"""
-import sys, json, torch
+import glob, sys, json, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 ids = load_file(sys.argv[1])["ids"]
@@ -67,9 +73,20 @@ for i, d in enumerate(json.loads(sys.argv[3])):
         from transformers import AutoRoundConfig
         kw["quantization_config"] = AutoRoundConfig()
     m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32, **kw)
+    dtype = str(m.dtype).replace("torch.", "")
+    fp8 = [(n, x) for n, x in m.named_modules() if type(x).__name__ == "WeightFP8ActFP8StaticQuantLinear"]
+    if fp8:  # these layers hold their scales and compute in bfloat16 whatever the model's dtype
+        with torch.no_grad():
+            out[f"bf16case{i}"] = m(ids).logits.float().contiguous()
+        sd = {}
+        for f in glob.glob(d + "/*.safetensors"):
+            sd.update(load_file(f))
+        for n, x in fp8:  # the same layers with the file's float32 scales, in float32
+            x.dtype, x.weight_scale, x.input_scale = torch.float32, sd[n + ".weight_scale"].float(), sd[n + ".input_scale"].float()
+        dtype = "bfloat16 layers (float32 rerun)"
     with torch.no_grad():
         out[f"case{i}"] = m(ids).logits.float().contiguous()
-    print("DTYPE", i, str(m.dtype).replace("torch.", ""))
+    print("DTYPE", i, dtype.replace(" ", "_"))
 save_file(out, sys.argv[2])
 """
 
@@ -138,7 +155,11 @@ def main() -> int:
         src, cases = work / "fp", CASES
         build_model(src)
         ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-        tune = dict(iters=0, disable_opt_rtn=True)
+        # token ids as calibration data (the random model has no tokenizer): NVFP4 and FP8_STATIC
+        # measure activation ranges on it
+        g = torch.Generator().manual_seed(2)
+        tune = dict(iters=0, disable_opt_rtn=True, nsamples=4, seqlen=32,
+                    dataset=[torch.randint(0, 256, (32,), generator=g).tolist() for _ in range(4)])
     save_file({"ids": ids}, str(work / "ids.safetensors"))
     dirs, ours = [], []
     for i, kw in enumerate(cases.values()):
@@ -172,7 +193,11 @@ def main() -> int:
         packing = qc.get("packing_format", qc["quant_method"])
         diff = (theirs[f"case{i}"] - ours[i]).abs().max().item()
         worst = max(worst, diff / max(ours[i].abs().max().item(), 1e-6))
-        print(f"| {name} | {packing} | {dtypes.get(i, '?')} | {diff:.2e} | {ours[i].abs().max().item():.2f} |")
+        note = ""
+        if f"bf16case{i}" in theirs:
+            note = f" (upstream's own bfloat16 layers: {(theirs[f'bf16case{i}'] - ours[i]).abs().max().item():.2e})"
+        print(f"| {name} | {packing} | {dtypes.get(i, '?').replace('_', ' ')} | {diff:.2e}{note} | "
+              f"{ours[i].abs().max().item():.2f} |")
     # Upstream forces some paths (3-bit on CPU) to fp16; a packing error would be O(1), not 1e-3.
     ok = worst < 1e-2
     print("PASS" if ok else "FAIL", f"(worst relative diff {worst:.2e})")

@@ -23,11 +23,21 @@ FP_TYPES: dict[str, dict[str, Any]] = {
     "nv_fp": {"bits": (4,), "group_size": (16,), "hint": "NVFP4 (group 16)"},
     "fp": {"bits": (8,), "group_size": (-1, 0), "hint": "FPW8A16 (per channel, -1) or per tensor (0)"},
 }
-# Activation data types: bits and group sizes (0: per tensor, -1: per token).
+# Activation data types: bits and group sizes (0: per tensor, -1: per token). ``mx_fp_rceil`` is
+# MX with NVIDIA's rounding of the shared exponent, ``2**ceil(log2(amax / element_max))`` (no
+# element saturates) instead of OCP's ``2**(floor(log2(amax)) - emax)``; ``int`` is symmetric int8.
 ACT_TYPES: dict[str, dict[str, Any]] = {
     "mx_fp": {"bits": (4, 8), "group_size": (32,)},
+    "mx_fp_rceil": {"bits": (4, 8), "group_size": (32,)},
     "nv_fp": {"bits": (4,), "group_size": (16,)},
     "fp": {"bits": (8,), "group_size": (0, -1)},
+    "int": {"bits": (8,), "group_size": (-1,)},
+}
+# upstream AutoRound's other spellings of data types -> ours
+DATA_TYPE_ALIASES = {
+    "nv_fp4_with_static_gs": "nv_fp", "nv_fp4": "nv_fp", "nvfp": "nv_fp", "nvfp4": "nv_fp",
+    "mxfp": "mx_fp", "mx_fp4": "mx_fp", "mx_fp8": "mx_fp", "mxfp_rceil": "mx_fp_rceil",
+    "fp8": "fp", "fp8_e4m3": "fp", "int8": "int",
 }
 
 
@@ -73,6 +83,9 @@ class QuantSpec:
                 f"unknown scheme option(s) {sorted(unknown)}; valid options are "
                 f"{[f.name for f in dataclasses.fields(self)]}"
             )
+        for key in ("data_type", "act_data_type"):
+            if isinstance(overrides.get(key), str):
+                overrides[key] = DATA_TYPE_ALIASES.get(overrides[key].lower(), overrides[key].lower())
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self, where: str = "the scheme") -> "QuantSpec":
@@ -102,10 +115,15 @@ class QuantSpec:
                 f"{where}: group_size must be a positive integer or -1 (one group per output "
                 f"channel), got {gs!r}"
             )
-        if self.act_quantized:
+        if self.act_quantized and (
+            (self.bits, self.sym, self.data_type) != (8, True, "int")
+            or (self.act_bits, self.act_data_type, self.act_group_size, self.act_dynamic) != (8, "int", -1, True)
+        ):
             raise ConfigError(
-                f"{where}: activation quantization (act_bits={self.act_bits}) is not supported for "
-                "integer weight schemes; use act_bits=16, or an FP scheme such as FP8_STATIC / MXFP4 / NVFP4"
+                f"{where}: integer weights with quantized activations (act_bits={self.act_bits}) are W8A8: "
+                "8-bit symmetric weights (per channel, group_size -1, for vLLM's kernels) with dynamic per-token "
+                "int8 activations (act_data_type int, act_group_size -1); use --scheme W8A8, act_bits=16, or an "
+                "FP scheme such as FP8_STATIC / MXFP8 / NVFP4"
             )
         return self
 
@@ -139,13 +157,15 @@ class QuantSpec:
                 raise ConfigError(
                     f"{where}: act_data_type {self.act_data_type!r} is not supported; use one of {list(ACT_TYPES)}"
                 )
+            if self.act_data_type == "int":
+                raise ConfigError(f"{where}: int8 activations go with int8 weights; use --scheme W8A8")
             if self.act_bits not in act["bits"] or self.act_group_size not in act["group_size"]:
                 raise ConfigError(
                     f"{where}: act_data_type {self.act_data_type!r} holds act_bits {list(act['bits'])} with "
                     f"act_group_size {list(act['group_size'])}, got act_bits={self.act_bits}, "
                     f"act_group_size={self.act_group_size}"
                 )
-            if not self.act_dynamic and self.act_data_type == "mx_fp":
+            if not self.act_dynamic and self.act_data_type.startswith("mx_fp"):
                 raise ConfigError(f"{where}: MX activations are quantized dynamically; set act_dynamic=True")
         return self
 
@@ -158,7 +178,8 @@ class QuantSpec:
             act = f" A{self.act_bits} {self.act_data_type}" if self.act_quantized else ""
             return f"{self.data_type}{self.bits} G{self.group_size}{act}"
         kind = "sym" if self.sym else "asym"
-        return f"W{self.bits}G{self.group_size} {kind}"
+        act = f" A{self.act_bits} int per token" if self.act_quantized else ""
+        return f"W{self.bits}G{self.group_size} {kind}{act}"
 
 
 # GGUF block types with their qdq: symmetric full-range int for the _0 types, a float minimum for
@@ -200,14 +221,21 @@ PRESETS: dict[str, QuantSpec] = {
     "W3A16": _w(3),
     "W4A16": _w(4),
     "W8A16": _w(8),
-    # floating-point schemes, with upstream AutoRound's names and activation settings
+    # W8A8: int8 per-channel weights, dynamic per-token int8 activations (compressed-tensors int-quantized)
+    "W8A8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
+    "INT8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
+    "INT8_W8A8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
+    # floating-point schemes, with upstream AutoRound's names and activation settings; MXFP8's
+    # activations use rceil as upstream's guide gives it (no activation saturates at 448)
     "MXFP4": QuantSpec(4, 32, True, "mx_fp", act_bits=4, act_data_type="mx_fp", act_group_size=32),
-    "MXFP8": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp", act_group_size=32),
+    "MXFP4_RCEIL": QuantSpec(4, 32, True, "mx_fp", act_bits=4, act_data_type="mx_fp_rceil", act_group_size=32),
+    "MXFP8": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp_rceil", act_group_size=32),
+    "MXFP8_RCEIL": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp_rceil", act_group_size=32),
     "NVFP4": QuantSpec(4, 16, True, "nv_fp", act_bits=4, act_data_type="nv_fp", act_group_size=16),
     "MXFP4A16": QuantSpec(4, 32, True, "mx_fp"),
     "MXFP8A16": QuantSpec(8, 32, True, "mx_fp"),
     "NVFP4A16": QuantSpec(4, 16, True, "nv_fp"),
-    "FPW8A16": QuantSpec(8, -1, True, "fp"),
+    "FPW8A16": QuantSpec(8, 0, True, "fp"),  # per tensor, as upstream's guide and scheme say
     "FP8_STATIC": QuantSpec(8, -1, True, "fp", act_bits=8, act_data_type="fp", act_group_size=0, act_dynamic=False),
     **{f"GGUF:{f.upper()}": dataclasses.replace(GGML_SPECS[t], ggml_type=f) for f, t in GGUF_FTYPES.items()},
     "BF16": QuantSpec(bits=16),
@@ -249,6 +277,10 @@ def resolve_scheme(
         base = QuantSpec().with_overrides(**dict(scheme))
     else:
         raise ConfigError(f"scheme must be a preset name, a dict or a QuantSpec, got {type(scheme).__name__}")
+    wants_int_acts = (overrides.get("act_bits") or FP_BITS) < FP_BITS and overrides.get("act_data_type") is None
+    if wants_int_acts and (overrides.get("data_type") or base.data_type) == "int" and not base.act_quantized:
+        # `--bits 8 --act_bits 8` on an integer scheme: int8 activations per token, as upstream's INT8
+        overrides.update(act_data_type="int", act_group_size=overrides.get("act_group_size") or -1)
     return base.with_overrides(bits=bits, group_size=group_size, sym=sym, **overrides).validate()
 
 

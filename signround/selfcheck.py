@@ -142,7 +142,9 @@ def _streamed(directory: Path, format_name: str) -> tuple[nn.Module, WeightSourc
         model.tie_weights()
         unfuse_experts(model)
         return model, SafetensorsSource(directory, model)
-    if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+    from .inference.compressed import is_dequantized_format
+
+    if is_dequantized_format(qc):
         from .inference.loader import _empty_model
 
         model, _ = _empty_model(directory, dtype, "cpu")

@@ -97,6 +97,35 @@ def test_activation_qdq():
     assert qdq_act(x, resolve_scheme("FPW8A16")) is x
 
 
+def test_rceil_and_int8_activations_by_hand():
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = 7.0, 1.3
+    # OCP floor: scale 2**(floor(log2 7) - 2) = 1, so 7 saturates at 6; rceil: 2**ceil(log2(7/6)) = 2
+    assert qdq_act(x, resolve_scheme("MXFP4"))[0, :2].tolist() == [6.0, 1.5]
+    assert qdq_act(x, resolve_scheme("MXFP4_RCEIL"))[0, :2].tolist() == [8.0, 1.0]
+    x8 = torch.zeros(1, 32)
+    x8[0, 0] = 500.0  # rceil: scale 2**ceil(log2(500 / 448)) = 2, 250 -> 256 on the E4M3 grid
+    assert qdq_act(x8, resolve_scheme("MXFP8"))[0, 0].item() == 512.0
+    x8[0, 0] = 480.0  # floor: scale 2**(floor(log2 480) - 8) = 1, so 480 saturates at 448; rceil keeps it
+    assert qdq_act(x8, resolve_scheme("MXFP8A16").with_overrides(
+        act_bits=8, act_data_type="mx_fp", act_group_size=32))[0, 0].item() == 448.0
+    assert qdq_act(x8, resolve_scheme("MXFP8"))[0, 0].item() == 480.0
+    assert resolve_scheme("MXFP8").act_data_type == "mx_fp_rceil"  # as upstream's guide gives MXFP8
+    assert resolve_scheme("MXFP8_RCEIL") == resolve_scheme("MXFP8")
+    w8a8 = resolve_scheme("W8A8")
+    t = torch.tensor([[127.0, 1.4, -0.6], [0.254, 0.0, -0.127]])
+    y = qdq_act(t, w8a8)  # per token: scale = amax / 127
+    assert y.tolist() == [[127.0, 1.0, -1.0], [pytest.approx(0.254), 0.0, pytest.approx(-0.128)]]
+
+
+def test_scheme_spellings_from_upstream():
+    assert resolve_scheme("INT8") == resolve_scheme("INT8_W8A8") == resolve_scheme("W8A8")
+    assert resolve_scheme("W8A16", group_size=-1, act_bits=8) == resolve_scheme("W8A8")  # --act_bits 8: int8 per token
+    assert resolve_scheme("FPW8A16").group_size == 0  # per tensor, as upstream's guide says
+    assert resolve_scheme("NVFP4", act_data_type="nv_fp4_with_static_gs") == resolve_scheme("NVFP4")
+    assert resolve_scheme("MXFP4", act_data_type="mx_fp_rceil") == resolve_scheme("MXFP4_RCEIL")
+
+
 @pytest.mark.parametrize(
     "kw,needle",
     [
@@ -104,7 +133,9 @@ def test_activation_qdq():
         ({"scheme": "NVFP4", "bits": 8}, "NVFP4"),
         ({"scheme": "MXFP4", "sym": False}, "symmetric"),
         ({"scheme": "FP8_STATIC", "act_group_size": 32}, "act_group_size"),
-        ({"scheme": "W4A16", "act_bits": 8}, "FP8_STATIC"),
+        ({"scheme": "W4A16", "act_bits": 8}, "W8A8"),
+        ({"scheme": "W8A8", "act_group_size": 0}, "per-token"),
+        ({"scheme": "MXFP8", "act_data_type": "int"}, "W8A8"),
         ({"scheme": "W4A16", "data_type": "float"}, "mx_fp"),
     ],
 )
@@ -146,10 +177,49 @@ def test_static_activation_range_and_in_memory_hook(stories_dir):
 
 def test_integer_formats_refuse_fp_schemes(stories_dir, tmp_path):
     ar = _ar(stories_dir, "MXFP4", iters=0, ignore_layers="down_proj")
-    for fmt in ("auto_round", "auto_gptq", "auto_awq"):
+    for fmt in ("auto_gptq", "auto_awq"):
         with pytest.raises(ExportError, match="llm_compressor"):
             ar.quantize_and_save(tmp_path / fmt, format=fmt)
         assert ar.result is None and not (tmp_path / fmt).exists()  # refused before quantizing
+    mixed = _ar(stories_dir, "MXFP4", iters=0, layer_config={"down_proj": "W4A16G32"})
+    with pytest.raises(ExportError, match="integer or floating-point"):
+        mixed.quantize_and_save(tmp_path / "mixed", format="auto_round")
+    w8a8 = _ar(stories_dir, "W8A8", iters=0)
+    for fmt in ("auto_round", "auto_gptq"):
+        with pytest.raises(ExportError, match="int8 activations.*llm_compressor"):
+            w8a8.quantize_and_save(tmp_path / fmt, format=fmt)
+    assert w8a8.result is None
+
+
+@pytest.mark.parametrize("scheme,packing,act_type", [
+    ("MXFP4", "auto_round:llm_compressor", "mx_fp"),
+    ("MXFP8", "auto_round:llm_compressor", "mx_fp_rceil"),
+    ("NVFP4", "auto_round:llm_compressor", "nv_fp4_with_static_gs"),
+    ("FP8_STATIC", "auto_round:fp8_static", "fp"),
+    ("FPW8A16", None, "fp"),
+])
+def test_auto_round_holds_fp_schemes_and_loads_back(stories_dir, tmp_path, scheme, packing, act_type):
+    from safetensors.torch import load_file
+
+    from signround import load_quantized
+
+    ar = _ar(stories_dir, scheme, iters=0, ignore_layers="down_proj")
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="auto_round", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "auto-round" and qc.get("packing_format") == packing
+    assert qc["act_data_type"] == act_type and qc["data_type"] == ar.spec.data_type
+    sd = load_file(str(next(out.glob("*.safetensors"))))
+    q = "model.layers.0.self_attn.q_proj"
+    # the compressed-tensors tensors of each layer, under the checkpoint's names
+    assert {k[len(q) + 1:] for k in sd if k.startswith(q + ".")} >= {"weight_scale"}
+    if scheme == "FPW8A16":
+        assert sd[q + ".weight"].dtype == torch.float8_e4m3fn and sd[q + ".weight_scale"].shape == (1,)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = load_quantized(str(out))(ids).logits
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
 def test_llm_compressor_refuses_groups_that_do_not_divide(stories_dir, tmp_path):
@@ -176,6 +246,7 @@ CT_SCHEMES = [
     ("NVFP4", {}),
     ("FPW8A16", {}),
     ("FP8_STATIC", {}),
+    ("W8A8", {}),
 ]
 
 
@@ -224,7 +295,8 @@ def test_llm_compressor_loads_in_transformers_with_same_logits(stories_dir, tmp_
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scheme,kw", [("W4A16G32", {"sym": False}), ("MXFP4", {}), ("NVFP4", {}), ("FP8_STATIC", {})])
+@pytest.mark.parametrize("scheme,kw", [("W4A16G32", {"sym": False}), ("MXFP4", {}), ("MXFP8", {}), ("NVFP4", {}),
+                                       ("FP8_STATIC", {}), ("W8A8", {})])
 def test_load_quantized_reads_llm_compressor_with_activation_quant(stories_dir, tmp_path, scheme, kw):
     from signround import load_quantized
 

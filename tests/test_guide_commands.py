@@ -59,6 +59,16 @@ ROWS = [
         "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
     Row("--model {model} --scheme NVFP4 --format llm_compressor --ignore_layers down_proj --output_dir {out} "
         "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
+    # the guide's format table: auto_round holds MXFP4/MXFP8(_RCEIL)/NVFP4/FPW8A16/FP8_STATIC too
+    *[Row(f"--model {{model}} --scheme {s} --format auto_round --ignore_layers down_proj --output_dir {{out}} "
+          "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json")
+      for s in ("MXFP4", "MXFP4_RCEIL", "MXFP8_RCEIL", "NVFP4", "FPW8A16", "FP8_STATIC")],
+    Row("--model {model} --scheme W8A8 --format llm_compressor --output_dir {out} --iters 0 --nsamples 4 "
+        "--seqlen 64", 0, "config.json"),
+    Row("--model {model} --bits 8 --group_size -1 --act_bits 8 --format llm_compressor --output_dir {out} "
+        "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
+    Row("--model {model} --scheme INT8_W8A8 --format auto_round --output_dir {out} --iters 0", 2,
+        "use --format llm_compressor"),
     Row("--model {model} --avg_bits 3 --options W2A16,W4A16 --output_dir {out} --iters 0 --nsamples 4 --seqlen 64",
         0, "layer_config.json"),
     Row("--model {model} --schemes W2A16,W4A16 --bits 3 --ignore_scale_zp_bits --output_dir {out} --iters 0 "

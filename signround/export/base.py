@@ -36,6 +36,12 @@ class PackedExporter:
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
         for name, spec in plan.quantized.items():
+            if spec.act_quantized and spec.data_type == "int":
+                raise ExportError(
+                    f"{self.name} holds weight-only integer layers and cannot keep {name}'s int8 activations "
+                    f"({spec.label()}); use --format llm_compressor (compressed-tensors int-quantized, what "
+                    "vLLM runs as W8A8) or fake"
+                )
             if spec.data_type != "int" or spec.bits not in (2, 3, 4, 8):
                 fix = (f"--format gguf:{plan.ggml_ftype}" if plan.ggml_ftype
                        else "--format llm_compressor (compressed-tensors, what vLLM loads)")

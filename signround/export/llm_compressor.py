@@ -7,8 +7,12 @@ One config group per distinct layer scheme; each group's ``format`` follows its 
   * NVFP4: ``nvfp4-pack-quantized`` (two E2M1 codes per byte, low nibble first; FP8-E4M3
     ``weight_scale`` per 16; ``weight_global_scale``; dequantized ``code * scale / global_scale``);
   * MXFP4: ``mxfp4-pack-quantized`` (E2M1 bytes as above, ``weight_scale`` = biased E8M0 exponent);
-  * MXFP8: ``mxfp8-quantized`` and FP8: ``float-quantized`` (``float8_e4m3fn`` weights).
+  * MXFP8: ``mxfp8-quantized`` and FP8: ``float-quantized`` (``float8_e4m3fn`` weights);
+  * W8A8: ``int-quantized`` (``weight`` int8, ``weight_scale``; activations int8 per token, dynamic).
 Static activation ranges become ``input_scale`` (FP8) or ``input_global_scale`` (NVFP4).
+compressed-tensors has no field for how MX activation scales round: engines use OCP's floor, and
+so does a file's reader here unless ``observer_kwargs`` says ``scale_rounding: rceil`` (written for
+``mx_fp_rceil`` activations, what signround tuned with).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ CT_FORMAT = {"int": "pack-quantized", "nv_fp": "nvfp4-pack-quantized", "fp": "fl
 
 
 def group_format(spec: QuantSpec) -> str:
+    if spec.data_type == "int" and spec.act_quantized:
+        return "int-quantized"
     if spec.data_type == "mx_fp":
         return "mxfp4-pack-quantized" if spec.bits == 4 else "mxfp8-quantized"
     return CT_FORMAT[spec.data_type]
@@ -57,9 +63,12 @@ def weight_args(spec: QuantSpec) -> dict[str, Any]:
 def input_args(spec: QuantSpec) -> dict[str, Any] | None:
     if not spec.act_quantized:
         return None
-    a: dict[str, Any] = {"num_bits": spec.act_bits, "type": "float", "symmetric": True}
-    if spec.act_data_type == "mx_fp":
+    a: dict[str, Any] = {"num_bits": spec.act_bits, "type": "int" if spec.act_data_type == "int" else "float",
+                         "symmetric": True}
+    if spec.act_data_type.startswith("mx_fp"):
         a.update(group_size=spec.act_group_size, strategy="group", dynamic=True, scale_dtype="torch.uint8")
+        if spec.act_data_type == "mx_fp_rceil":
+            a["observer_kwargs"] = {"scale_rounding": "rceil"}
     elif spec.act_data_type == "nv_fp":
         a.update(group_size=spec.act_group_size, strategy="tensor_group", dynamic="local",
                  scale_dtype="torch.float8_e4m3fn", observer="static_minmax")
@@ -85,7 +94,10 @@ def layer_tensors(qp: QParams, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
     """QParams -> the compressed-tensors tensors of one layer (names relative to the layer)."""
     out_f, in_f = qp.shape
     t: dict[str, torch.Tensor] = {}
-    if spec.data_type == "int":
+    if spec.data_type == "int" and spec.act_quantized:  # int-quantized: signed int8 codes
+        t["weight"] = (qp.codes.to(torch.int16) - 2 ** (qp.bits - 1)).to(torch.int8)
+        t["weight_scale"] = qp.scale.to(dtype).contiguous()
+    elif spec.data_type == "int":
         t["weight_packed"] = pack_cols(qp.codes.to(torch.int64), qp.bits)
         t["weight_scale"] = qp.scale.to(dtype).contiguous()
         t["weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
@@ -123,7 +135,8 @@ def _e8m0(scale: torch.Tensor) -> torch.Tensor:
 class LLMCompressorExporter:
     name = "llm_compressor"
     description = (
-        "compressed-tensors for vLLM / transformers: int W2-W8 (pack-quantized), NVFP4, MXFP4, MXFP8, FP8; "
+        "compressed-tensors for vLLM / transformers: int W2-W8 (pack-quantized), W8A8 (int-quantized), NVFP4, "
+        "MXFP4, MXFP8, FP8; "
         "group size must divide every in_features"
     )
 

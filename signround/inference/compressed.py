@@ -1,4 +1,5 @@
-"""Loading compressed-tensors (llm_compressor) checkpoints: ours, or llm-compressor's.
+"""Loading compressed-tensors (llm_compressor) checkpoints, ours or llm-compressor's, and the
+floating-point auto_round files (MXFP / NVFP4 / FP8: the same tensors under an auto-round config).
 
 Each quantized Linear is dequantized once into an ordinary Linear (float weights in memory, the
 ``dequant_once`` trade-off), and layers with quantized activations get the same activation
@@ -23,11 +24,12 @@ from ..export.packing import unpack_cols, unpack_rows
 from ..model.layers import attach_act_quant
 from ..qdq.elements import E2M1_MAX, E4M3_MAX, decode
 from ..qdq.fp import E8M0_BIAS
-from ..schemes import QuantSpec
+from ..schemes import FP_TYPES, QuantSpec
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "float-quantized")
+SUPPORTED = ("pack-quantized", "int-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized",
+             "float-quantized")
 
 
 def _target_matches(target: str, name: str, module: nn.Module) -> bool:
@@ -51,6 +53,10 @@ def _spec(args: dict[str, Any], acts: dict[str, Any] | None) -> QuantSpec:
     if acts:
         a_strategy = acts.get("strategy")
         kind = {"tensor_group": "nv_fp", "group": "mx_fp"}.get(a_strategy, "fp")
+        if acts.get("type") == "int":
+            kind = "int"
+        elif kind == "mx_fp" and (acts.get("observer_kwargs") or {}).get("scale_rounding") == "rceil":
+            kind = "mx_fp_rceil"
         spec = spec.with_overrides(
             act_bits=int(acts["num_bits"]), act_data_type=kind,
             act_group_size=int(acts.get("group_size") or (-1 if a_strategy == "token" else 0)),
@@ -71,6 +77,9 @@ def _dequantize(t: dict[str, torch.Tensor], spec: QuantSpec, fmt: str, shape: tu
         else:
             zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
         return (codes - zero[:, cols]) * scale[:, cols]
+    if fmt == "int-quantized":
+        scale = t["weight_scale"].float().reshape(out_f, -1)
+        return t["weight"].float() * scale[:, cols]
     if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
         vals = decode(unpack_fp4(t["weight_packed"])[:, :in_f], 4)
     else:
@@ -94,27 +103,52 @@ def _input_amax(t: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return None
 
 
-def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
-                    dtype: torch.dtype) -> int:
-    """Fill the (meta) ``model`` from compressed-tensors ``tensors``; returns the number of quantized layers."""
+def is_dequantized_format(qc: dict[str, Any]) -> bool:
+    """compressed-tensors, or auto-round with floating-point weights: both load through this module."""
+    method = str(qc.get("quant_method", "")).replace("_", "-").lower()
+    return method == "compressed-tensors" or (method == "auto-round" and autoround_spec(qc).data_type in FP_TYPES)
+
+
+AUTOROUND_KEYS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_group_size", "act_data_type", "act_dynamic")
+
+
+def autoround_spec(entry: dict[str, Any], base: QuantSpec | None = None) -> QuantSpec:
+    """An auto-round config (global or extra_config entry) -> QuantSpec; upstream's data type names
+    (``nv_fp4_with_static_gs``) map to ours."""
+    base = base or QuantSpec(bits=4, group_size=128)
+    return base.with_overrides(**{k: entry[k] for k in AUTOROUND_KEYS if entry.get(k) is not None})
+
+
+def fp_format(spec: QuantSpec) -> str:
+    """The compressed-tensors format whose tensors an FP spec's auto_round layer holds."""
+    if spec.data_type == "nv_fp":
+        return "nvfp4-pack-quantized"
+    if spec.data_type == "mx_fp":
+        return "mxfp4-pack-quantized" if spec.bits == 4 else "mxfp8-quantized"
+    return "float-quantized"
+
+
+def _autoround_layer_spec(qc: dict[str, Any], path: Path):
+    from .loader import layer_override
+
+    default = autoround_spec(qc)
+
+    def spec_of(layer: str, mod: nn.Module) -> tuple[QuantSpec, str]:
+        spec = autoround_spec(layer_override(qc, layer) or {}, default)
+        if spec.data_type not in FP_TYPES or not spec.quantized:
+            raise ModelError(f"{path}: {layer} holds floating-point quantized tensors but its config says {spec.label()}")
+        return spec, fp_format(spec)
+
+    return spec_of
+
+
+def _compressed_layer_spec(qc: dict[str, Any], path: Path):
     if qc.get("quantization_status", "compressed") != "compressed":
         raise ModelError(f"{path}: quantization_status {qc.get('quantization_status')!r}: only compressed checkpoints load")
     groups = qc.get("config_groups") or {}
     ignore = qc.get("ignore") or []
-    count = 0
-    plain: dict[str, torch.Tensor] = {}
-    layer_keys: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        layer, _, leaf = k.rpartition(".")
-        if leaf.startswith(("weight_", "input_")) or (leaf == "weight" and v.dtype == torch.float8_e4m3fn):
-            layer_keys.setdefault(layer, {})[leaf] = v
-        else:
-            plain[k] = v
-    modules = dict(model.named_modules())
-    for layer, t in layer_keys.items():
-        mod = modules.get(layer)
-        if not isinstance(mod, nn.Linear):
-            raise ModelError(f"{path}: {layer} holds quantized tensors but is not a Linear in this architecture")
+
+    def spec_of(layer: str, mod: nn.Module) -> tuple[QuantSpec, str]:
         if any(_target_matches(i, layer, mod) for i in ignore):
             raise ModelError(f"{path}: {layer} holds quantized tensors but is in the config's ignore list")
         group = next((g for g in groups.values() if any(_target_matches(x, layer, mod) for x in g.get("targets", []))), None)
@@ -123,7 +157,32 @@ def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, tor
         fmt = group.get("format") or qc.get("format")
         if fmt not in SUPPORTED:
             raise ModelError(f"{path}: compressed-tensors format {fmt!r} is not supported; supported: {', '.join(SUPPORTED)}")
-        spec = _spec(group["weights"], group.get("input_activations"))
+        return _spec(group["weights"], group.get("input_activations")), fmt
+
+    return spec_of
+
+
+def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+                    dtype: torch.dtype) -> int:
+    """Fill the (meta) ``model`` from compressed-tensors ``tensors`` (or a floating-point auto_round
+    file's); returns the number of quantized layers."""
+    method = str(qc.get("quant_method", "")).replace("_", "-").lower()
+    spec_of = (_autoround_layer_spec if method == "auto-round" else _compressed_layer_spec)(qc, path)
+    count = 0
+    plain: dict[str, torch.Tensor] = {}
+    layer_keys: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        layer, _, leaf = k.rpartition(".")
+        if leaf.startswith(("weight_", "input_")) or (leaf == "weight" and v.dtype in (torch.float8_e4m3fn, torch.int8)):
+            layer_keys.setdefault(layer, {})[leaf] = v
+        else:
+            plain[k] = v
+    modules = dict(model.named_modules())
+    for layer, t in layer_keys.items():
+        mod = modules.get(layer)
+        if not isinstance(mod, nn.Linear):
+            raise ModelError(f"{path}: {layer} holds quantized tensors but is not a Linear in this architecture")
+        spec, fmt = spec_of(layer, mod)
         w = _dequantize(t, spec, fmt, (mod.out_features, mod.in_features))
         plain[layer + ".weight"] = w.to(dtype)
         if spec.act_quantized:
@@ -138,4 +197,4 @@ def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, tor
     return count
 
 
-__all__ = ["load_compressed", "SUPPORTED"]
+__all__ = ["autoround_spec", "fp_format", "is_dequantized_format", "load_compressed", "SUPPORTED"]

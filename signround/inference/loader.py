@@ -23,6 +23,7 @@ from ..model.moe import UnfusedExperts, unfuse_experts
 from ..model.source import loaded_namer
 from ..schemes import QuantSpec
 from .backends import BACKENDS
+from .compressed import is_dequantized_format
 from .qlinear import QuantLinear, assign_backends
 
 logger = logging.getLogger(__name__)
@@ -73,17 +74,22 @@ def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
     )
 
 
+def layer_override(qc: dict[str, Any], name: str) -> dict | None:
+    """A layer's entry in ``extra_config`` (exact name, then regex) or GPTQModel's ``dynamic``."""
+    extra: dict[str, dict] = qc.get("extra_config") or {}
+    override = extra.get(name)
+    if override is None:
+        override = next((v for k, v in extra.items() if _regex_match(k, name)), None)
+    if override is None and qc.get("dynamic"):
+        override = _gptq_dynamic(qc["dynamic"], name)
+    return override
+
+
 def _layer_specs(qc: dict[str, Any], default: QuantSpec, quantized: list[str]) -> dict[str, QuantSpec]:
     """Spec of each layer that has a ``qweight`` in the checkpoint: global settings + per-layer entries."""
-    extra: dict[str, dict] = qc.get("extra_config") or {}
-    dynamic: dict[str, dict] = qc.get("dynamic") or {}
     specs: dict[str, QuantSpec] = {}
     for name in quantized:
-        override = extra.get(name)
-        if override is None:
-            override = next((v for k, v in extra.items() if _regex_match(k, name)), None)
-        if override is None and dynamic:
-            override = _gptq_dynamic(dynamic, name)
+        override = layer_override(qc, name)
         keys = ("bits", "group_size", "sym")
         specs[name] = default.with_overrides(**{k: v for k, v in (override or {}).items() if k in keys})
     return specs
@@ -160,7 +166,8 @@ def _load_compressed_tensors(p: Path, qc: dict[str, Any], shards: list[Path], de
         tensors.update({namer(k): v for k, v in load_file(str(shard)).items()})
     n = load_compressed(model, config_names(qc, namer), tensors, p, dtype)
     model = _finish(model, p, qc, device)
-    logger.info("loaded %d compressed-tensors layers from %s (dequantized once into float Linear layers)", n, p)
+    logger.info("loaded %d %s layers from %s (dequantized once into float Linear layers)", n,
+                qc.get("packing_format") or qc.get("quant_method"), p)
     return model
 
 
@@ -212,7 +219,7 @@ def load_quantized(
     p = check_model_path(path)
     qc = _read_config(p)
     shards = sorted(p.glob("*.safetensors"))
-    if str(qc.get("quant_method", "")).lower() == "compressed-tensors":
+    if is_dequantized_format(qc):
         return _load_compressed_tensors(p, qc, shards, device, dtype)
     model, dtype, specs, packing = quantized_skeleton(p, qc, shards, dtype, device)
     expected = set(model.state_dict().keys())

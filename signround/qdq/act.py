@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..schemes import QuantSpec
-from .elements import E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, ELEMENT_EMAX, round_e4m3, round_element
+from .elements import E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, ELEMENT_EMAX, ELEMENT_MAX, round_e4m3, round_element
 from .fp import E8M0_BIAS
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -41,10 +41,18 @@ def qdq_act(x: torch.Tensor, spec: QuantSpec, amax: Optional[torch.Tensor] = Non
             a = amax.to(xf.device).float()
         scale = (a / E4M3_MAX).clamp_min(_TINY)
         return (round_e4m3(xf / scale) * scale).to(x.dtype)
+    if kind == "int":  # symmetric int8 per token: scale = amax / 127
+        scale = (xf.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(_TINY)
+        q = xf / scale
+        q = q + (q.detach().round().clamp(-128, 127) - q.detach())
+        return (q * scale).to(x.dtype)
     xg, k = _grouped(xf, spec.act_group_size)
     gmax = xg.detach().abs().amax(-1, keepdim=True)
     if kind == "mx_fp":
         exp = torch.floor(torch.log2(gmax.clamp_min(2.0**-126))) - ELEMENT_EMAX[bits]
+        scale = torch.exp2(exp.clamp(-E8M0_BIAS, E8M0_BIAS))
+    elif kind == "mx_fp_rceil":
+        exp = torch.ceil(torch.log2((gmax / ELEMENT_MAX[bits]).clamp_min(2.0**-127)))
         scale = torch.exp2(exp.clamp(-E8M0_BIAS, E8M0_BIAS))
     else:  # nv_fp: FP8 group scales under a per-tensor global scale
         t = (amax.to(xf.device).float() if amax is not None else xf.detach().abs().amax()).clamp_min(_TINY)
