@@ -35,6 +35,7 @@ from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
 from .devices import parse_device_map
 from .model.hub import resolve_model
+from .model.kvcache import parse_fp8
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
 from .memory import release_memory
 from .model.source import InMemorySource, WeightSource
@@ -103,6 +104,8 @@ class AutoRound:
         enable_alg_ext: bool | None = None,
         calibrate_all_experts: bool | None = None,
         min_expert_tokens: int | None = None,
+        static_kv_dtype: str | None = None,
+        static_attention_dtype: str | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
         device_map: str | dict | None = None,
@@ -143,6 +146,10 @@ class AutoRound:
             enable_alg_ext=enable_alg_ext, calibrate_all_experts=calibrate_all_experts,
             min_expert_tokens=min_expert_tokens, seed=seed,
         )
+        # FP8 attention: the query too; the KV cache either way (its scales are what vLLM reads)
+        attention_fp8 = parse_fp8(static_attention_dtype, "static_attention_dtype")
+        self.static_attention = ("q", "k", "v") if attention_fp8 else (
+            ("k", "v") if parse_fp8(static_kv_dtype, "static_kv_dtype") else ())
         self._seqlen_given = seqlen is not None
         self.dataset = DEFAULT_DATASET if dataset is None else dataset
         self.device_map = device_map
@@ -166,7 +173,7 @@ class AutoRound:
         self.tokenizer = tokenizer
         if self.tokenizer is None and not isinstance(model, nn.Module):
             self.tokenizer = load_tokenizer(check_model_path(str(model)), trust_remote_code)
-        if self.cfg.needs_data or self.spec.needs_act_range:
+        if self.cfg.needs_data or self.spec.needs_act_range or self.static_attention:
             self.calibration_ids()
         self._autoscheme_ids()  # the run's data unless AutoScheme names its own
         # 3. model and plan
@@ -177,6 +184,7 @@ class AutoRound:
         self.plan: QuantPlan = build_plan(
             self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
         )
+        self.plan.static_attention = self.static_attention
         # AutoScheme: the layers it chooses for, their groups and the budget checked now; scoring
         # (which reads the weights) runs when quantizing starts
         self._request = prepare(self.autoscheme, self._model, self.plan, self.spec) if self.autoscheme else None

@@ -130,6 +130,11 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                         "the block output and the gradients still follow the router")
     p.add_argument("--min_expert_tokens", type=int, default=None,
                    help="MoE: experts routed fewer calibration tokens keep their optimized-RTN start (default 32)")
+    p.add_argument("--static_kv_dtype", default=None,
+                   help="fp8: static per-tensor FP8 scales for the KV cache (k_scale / v_scale of every attention "
+                        "layer, measured on the calibration data, in the llm_compressor config's kv_cache_scheme)")
+    p.add_argument("--static_attention_dtype", default=None,
+                   help="fp8: as --static_kv_dtype, plus the query's q_scale (FP8 attention)")
     p.add_argument("--cache_dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached activations (default auto: bf16 where native, fp16 on other GPUs, "
                         "fp32 on CPUs without native bf16); losses stay float32")
@@ -390,6 +395,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         enable_alg_ext=True if args.enable_alg_ext else None,
         calibrate_all_experts=True if args.calibrate_all_experts else None,
         min_expert_tokens=args.min_expert_tokens,
+        static_kv_dtype=args.static_kv_dtype,
+        static_attention_dtype=args.static_attention_dtype,
         to_quant_block_names=args.to_quant_block_names,
         device_map=args.device_map,
         dtype=args.model_dtype,

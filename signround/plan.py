@@ -41,6 +41,9 @@ class QuantPlan:
     # MoE routers that are not Linear layers (kept in full precision; formats that list the layers
     # they keep, as upstream's extra_config does, name them too)
     routers: list[str] = field(default_factory=list)
+    # attention tensors given static FP8 scales (--static_kv_dtype: "k", "v"; --static_attention_dtype:
+    # "q" too), measured on calibration data and written where the format holds them
+    static_attention: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> dict[str, QuantSpec]:
@@ -49,7 +52,7 @@ class QuantPlan:
     @property
     def needs_act_range(self) -> bool:
         """Some layer quantizes activations with a range measured on calibration data."""
-        return any(s.quantized and s.needs_act_range for s in self.specs.values())
+        return bool(self.static_attention) or any(s.quantized and s.needs_act_range for s in self.specs.values())
 
     def layers_of(self, block: str) -> list[str]:
         return [n for n in self.block_layers.get(block, []) if self.specs[n].quantized]

@@ -12,8 +12,6 @@ SHARED = {
     "nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
     "enable_norm_bias_tuning": "norm/bias tuning is not implemented; only rounding and clipping are tuned",
     "scale_dtype": "scales are rounded to float16, what every packed format stores",
-    "static_kv_dtype": "FP8 KV-cache scales are not written yet",
-    "static_attention_dtype": "FP8 attention scales are not written yet",
     "super_bits": _DOUBLE_QUANT,
     "super_group_size": _DOUBLE_QUANT,
     "quant_nontext_module": _VLM,

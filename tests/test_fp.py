@@ -309,3 +309,51 @@ def test_load_quantized_reads_llm_compressor_with_activation_quant(stories_dir, 
         got = load_quantized(str(out))(ids).logits
     # NVFP4's activation range goes through input_global_scale = 448 * 6 / amax and back
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag,tensors", [("static_kv_dtype", ("k", "v")), ("static_attention_dtype", ("q", "k", "v"))])
+def test_static_fp8_attention_scales(stories_dir, tmp_path, flag, tensors):
+    from safetensors.torch import load_file
+
+    from signround import load_quantized
+    from signround.model.kvcache import SCALE_NAMES, KVQuant, attention_modules
+
+    # fp32 (no bf16 autocast): the scales measured in the run and here agree to float rounding
+    ar = _ar(stories_dir, "W4A16G32", iters=0, ignore_layers="down_proj", amp=False, **{flag: "fp8"})
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="llm_compressor", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                                     "strategy": "tensor", "group_size": None}
+    assert ("attention_input_activations" in qc) == ("q" in tensors)
+    sd = load_file(str(next(out.glob("*.safetensors"))))
+    # the scales are amax / 448 of the tensors attention sees (keys after rotary embedding) on the
+    # calibration data, run through the quantized model
+    attn = dict(attention_modules(model))
+    saved = {n: m._signround_kv for n, m in attn.items()}
+    for m in attn.values():
+        m._signround_kv = KVQuant(tensors)
+    with torch.no_grad():
+        model(ar.calibration_ids())
+    for name, m in attn.items():
+        for t in tensors:
+            assert torch.allclose(sd[f"{name}.{SCALE_NAMES[t]}"], m._signround_kv.amax[t] / 448, rtol=1e-4), (name, t)
+        m._signround_kv = saved[name]
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = load_quantized(str(out))(ids).logits
+        for m in attn.values():
+            m._signround_kv = None
+        plain = model(ids).logits
+    assert torch.equal(got, ref)  # the loader applies the FP8 scales as the tuned model did
+    assert not torch.allclose(plain, ref)
+
+
+def test_static_kv_needs_a_format_that_holds_it(stories_dir, tmp_path):
+    ar = _ar(stories_dir, "W4A16G32", iters=0, static_kv_dtype="fp8")
+    with pytest.raises(ExportError, match="kv_cache_scheme.*--format llm_compressor"):
+        ar.quantize_and_save(tmp_path / "o", format="auto_round")
+    assert ar.result is None and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="static_kv_dtype 'int8'.*fp8"):
+        _ar(stories_dir, "W4A16G32", iters=0, static_kv_dtype="int8")

@@ -67,6 +67,12 @@ ROWS = [
         "--seqlen 64", 0, "config.json"),
     Row("--model {model} --bits 8 --group_size -1 --act_bits 8 --format llm_compressor --output_dir {out} "
         "--iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
+    Row("--model {model} --scheme W4A16 --group_size 32 --ignore_layers down_proj --static_kv_dtype fp8 "
+        "--format llm_compressor --output_dir {out} --iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
+    Row("--model {model} --scheme FP8_STATIC --static_attention_dtype fp8 --format llm_compressor "
+        "--ignore_layers down_proj --output_dir {out} --iters 0 --nsamples 4 --seqlen 64", 0, "config.json"),
+    Row("--model {model} --static_kv_dtype fp8 --format auto_round --output_dir {out} --iters 0", 2,
+        "use --format llm_compressor"),
     Row("--model {model} --scheme INT8_W8A8 --format auto_round --output_dir {out} --iters 0", 2,
         "use --format llm_compressor"),
     Row("--model {model} --avg_bits 3 --options W2A16,W4A16 --output_dir {out} --iters 0 --nsamples 4 --seqlen 64",

@@ -54,6 +54,12 @@ def check_formats(formats: str | list[str], model: nn.Module, plan: QuantPlan, o
     """Every requested format can hold the plan, and the output target is usable: before any tuning."""
     exporters = get_exporters(formats)
     for e in exporters:
+        if plan.static_attention and e.name != "llm_compressor":
+            raise ExportError(
+                f"static FP8 attention / KV-cache scales (--static_kv_dtype, --static_attention_dtype) are written "
+                f"into compressed-tensors' kv_cache_scheme, which vLLM reads; {e.name} has no place for them: use "
+                "--format llm_compressor"
+            )
         e.check(plan, model)
     check_output_dir(output_dir, sum(e.estimate_bytes(model, plan) for e in exporters))
     return exporters

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..model.kvcache import FP8_TENSOR_ARGS, attention_modules
 from ..model.layers import get_module, get_weight
 from ..plan import QuantPlan
 from ..qdq import QParams
@@ -180,7 +181,10 @@ class LLMCompressorExporter:
             "config_groups": config_groups,
             # every other Linear is ignored so that a ["Linear"] target never reaches it
             "ignore": [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in plan.quantized],
-            "kv_cache_scheme": None,
+            "kv_cache_scheme": dict(FP8_TENSOR_ARGS) if plan.static_attention else None,
+            **({"attention_input_activations": {"targets": sorted({type(m).__name__ for _, m in attention_modules(model)}),
+                                                "input_activations": dict(FP8_TENSOR_ARGS)}}
+               if "q" in plan.static_attention else {}),
         }
 
     def convert(self, name: str, t: torch.Tensor, qparams: dict[str, QParams], plan: QuantPlan

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..model.kvcache import SCALE_NAMES
 from ..model.source import checkpoint_namer
 from ..plan import QuantPlan
 from ..qdq import QParams
@@ -78,9 +79,15 @@ class ExportSink:
 
     def block(self, model: nn.Module, block_name: str, qparams: dict[str, QParams]) -> None:
         prefix = block_name + "."
+        listed = set()
         for name, _ in self.entries:
             if name.startswith(prefix):
+                listed.add(name)
                 self._add(name, _tensor(model, name), qparams)
+        # static attention scales (k_scale, v_scale, q_scale) measured after the entries were listed
+        for name, buf in model.get_submodule(block_name).named_buffers(prefix=block_name):
+            if name.rpartition(".")[2] in SCALE_NAMES.values() and name not in listed:
+                self._add(name, buf, qparams)
 
     def state(self) -> dict:
         for f in self.files.values():

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ModelError
 from ..export.llm_compressor import unpack_fp4
 from ..export.packing import unpack_cols, unpack_rows
+from ..model.kvcache import SCALE_NAMES, attach, route
 from ..model.layers import attach_act_quant
 from ..qdq.elements import E2M1_MAX, E4M3_MAX, decode
 from ..qdq.fp import E8M0_BIAS
@@ -171,9 +172,12 @@ def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, tor
     count = 0
     plain: dict[str, torch.Tensor] = {}
     layer_keys: dict[str, dict[str, torch.Tensor]] = {}
+    attn_scales: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         layer, _, leaf = k.rpartition(".")
-        if leaf.startswith(("weight_", "input_")) or (leaf == "weight" and v.dtype in (torch.float8_e4m3fn, torch.int8)):
+        if leaf in SCALE_NAMES.values() and (qc.get("kv_cache_scheme") or qc.get("attention_input_activations")):
+            attn_scales.setdefault(layer, {})[leaf] = v
+        elif leaf.startswith(("weight_", "input_")) or (leaf == "weight" and v.dtype in (torch.float8_e4m3fn, torch.int8)):
             layer_keys.setdefault(layer, {})[leaf] = v
         else:
             plain[k] = v
@@ -188,6 +192,10 @@ def load_compressed(model: nn.Module, qc: dict[str, Any], tensors: dict[str, tor
         if spec.act_quantized:
             attach_act_quant(mod, spec, _input_amax(t))
         count += 1
+    if attn_scales:  # static FP8 attention: the loaded model computes what the engine will
+        route(model)
+        for layer, scales in attn_scales.items():
+            attach(model.get_submodule(layer), scales)
     expected = set(model.state_dict())
     unknown = sorted(set(plain) - expected)
     if unknown:

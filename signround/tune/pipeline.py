@@ -25,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import DeviceMap, cpu_has_native_bf16
+from ..errors import ConfigError
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
+from ..model import kvcache
 from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks
 from ..model.layers import QUANTIZABLE_TYPES, Conv1D, get_module, get_weight
 from ..model.moe import RoutedTokens, set_calibrate_all
@@ -232,6 +234,11 @@ def quantize_model(
 
     source.materialize_outside(model, blocks)
     untie_output_embedding(model, plan)
+    if plan.static_attention:
+        if not calibrated:
+            raise ConfigError("static FP8 attention / KV-cache scales are measured on calibration data; "
+                              "pass calibration ids")
+        kvcache.route(model)
     source.materialize(model, blocks[0])
     point = checkpoint.resume_point() if checkpoint is not None else None
     x_fp = x_q = None
@@ -318,6 +325,12 @@ def quantize_model(
                                      gen, keep_outputs=cfg.enable_quanted_input, on_step=bar_step, frozen=frozen)
                 qparams = {prefix + rel: qp for rel, qp in res.qparams.items()}
                 stats = res.stats.as_dict()
+            if plan.static_attention:  # FP8 attention scales of the tuned block, on its quantized inputs
+                attn = [m for _, m in kvcache.attention_modules(model, block_name)]
+                kvcache.observe(attn, plan.static_attention)
+                with torch.no_grad():
+                    _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
+                kvcache.freeze(attn)
             if not cfg.enable_quanted_input:
                 x_q = y_fp
             elif names:
