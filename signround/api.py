@@ -79,6 +79,7 @@ class AutoRound:
         act_data_type: str | None = None,
         act_group_size: int | None = None,
         act_dynamic: bool | None = None,
+        scale_dtype: str | None = None,
         layer_config: Mapping[str, Any] | None = None,
         ignore_layers: str | Iterable[str] | None = None,
         quant_lm_head: bool = False,
@@ -102,6 +103,7 @@ class AutoRound:
         momentum: float | None = None,
         enable_deterministic_algorithms: bool | None = None,
         enable_alg_ext: bool | None = None,
+        enable_norm_bias_tuning: bool | None = None,
         calibrate_all_experts: bool | None = None,
         min_expert_tokens: int | None = None,
         static_kv_dtype: str | None = None,
@@ -134,7 +136,7 @@ class AutoRound:
             scheme = next(s for _, s in self.autoscheme.specs if s.quantized)
         self.spec = resolve_scheme(
             scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
-            act_group_size=act_group_size, act_dynamic=act_dynamic,
+            act_group_size=act_group_size, act_dynamic=act_dynamic, scale_dtype=scale_dtype,
         )
         self.cfg: TuneConfig = tune_config(
             recipe, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size,
@@ -143,7 +145,8 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
             enable_adam=enable_adam, momentum=momentum, enable_deterministic_algorithms=enable_deterministic_algorithms,
-            enable_alg_ext=enable_alg_ext, calibrate_all_experts=calibrate_all_experts,
+            enable_alg_ext=enable_alg_ext, enable_norm_bias_tuning=enable_norm_bias_tuning,
+            calibrate_all_experts=calibrate_all_experts,
             min_expert_tokens=min_expert_tokens, seed=seed,
         )
         # FP8 attention: the query too; the KV cache either way (its scales are what vLLM reads)

@@ -125,11 +125,17 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--enable_alg_ext", action="store_true",
                    help="SignRoundV2's tuning extensions: below 4 bits the block loss leaves out each sample's largest "
                         "0.1%% of output errors, and clipping scales may grow to 2x (symmetric int / MX / NV schemes)")
+    p.add_argument("--enable_norm_bias_tuning", action="store_true",
+                   help="also tune the blocks' norm weights and the quantized layers' biases (offsets of up to half "
+                        "a 4-bit step of each tensor's range, signed steps as the rounding); measured: docs/benchmarks.md")
     p.add_argument("--calibrate_all_experts", action="store_true",
                    help="MoE: every expert computes every calibration token (its importance statistics see them all); "
                         "the block output and the gradients still follow the router")
     p.add_argument("--min_expert_tokens", type=int, default=None,
                    help="MoE: experts routed fewer calibration tokens keep their optimized-RTN start (default 32)")
+    p.add_argument("--scale_dtype", default=None,
+                   help="dtype integer scales are rounded to and stored in: fp16 (default, what every packed kernel "
+                        "reads), bf16 or fp32 (auto_round and llm_compressor files)")
     p.add_argument("--static_kv_dtype", default=None,
                    help="fp8: static per-tensor FP8 scales for the KV cache (k_scale / v_scale of every attention "
                         "layer, measured on the calibration data, in the llm_compressor config's kv_cache_scheme)")
@@ -369,6 +375,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         act_data_type=args.act_data_type,
         act_group_size=args.act_group_size,
         act_dynamic=args.act_dynamic,
+        scale_dtype=args.scale_dtype,
         layer_config=layer_config,
         ignore_layers=args.ignore_layers,
         quant_lm_head=args.quant_lm_head,
@@ -393,6 +400,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         enable_deterministic_algorithms=True if args.enable_deterministic_algorithms else None,
         enable_alg_ext=True if args.enable_alg_ext else None,
+        enable_norm_bias_tuning=True if args.enable_norm_bias_tuning else None,
         calibrate_all_experts=True if args.calibrate_all_experts else None,
         min_expert_tokens=args.min_expert_tokens,
         static_kv_dtype=args.static_kv_dtype,
@@ -432,7 +440,7 @@ def _preflight(args: argparse.Namespace, layer_config: dict | None) -> None:
     spec = resolve_scheme(args.scheme or _default_scheme(args.format), args.bits, args.group_size,
                           False if args.asym else None, data_type=args.data_type, act_bits=args.act_bits,
                           act_data_type=args.act_data_type, act_group_size=args.act_group_size,
-                          act_dynamic=args.act_dynamic)
+                          act_dynamic=args.act_dynamic, scale_dtype=args.scale_dtype)
     plan = build_plan(skeleton, spec, layer_config, args.ignore_layers, args.quant_lm_head, args.to_quant_block_names)
     export.check_formats(args.format, skeleton, plan, args.output_dir)
 

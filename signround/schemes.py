@@ -58,6 +58,9 @@ class QuantSpec:
     act_data_type: str = "fp"
     act_group_size: int = 0
     act_dynamic: bool = True
+    # the dtype integer scales are rounded to and stored in (upstream's scale_dtype): float16, what
+    # every packed kernel reads, or bfloat16 / float32 (auto_round and llm_compressor files)
+    scale_dtype: str = "float16"
     # set by GGUF schemes: a llama.cpp file type (q4_k_m) until the plan resolves it per layer to
     # the ggml block type (q4_k, q6_k, ...) the layer is tuned for and packed into
     ggml_type: str | None = None
@@ -86,6 +89,8 @@ class QuantSpec:
         for key in ("data_type", "act_data_type"):
             if isinstance(overrides.get(key), str):
                 overrides[key] = DATA_TYPE_ALIASES.get(overrides[key].lower(), overrides[key].lower())
+        if overrides.get("scale_dtype") is not None:
+            overrides["scale_dtype"] = parse_scale_dtype(overrides["scale_dtype"])
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self, where: str = "the scheme") -> "QuantSpec":
@@ -93,6 +98,12 @@ class QuantSpec:
             raise ConfigError(f"{where}: bits must be an integer, got {self.bits!r}")
         if not self.quantized:
             return self
+        if self.scale_dtype != "float16" and (self.data_type != "int" or self.ggml_type is not None):
+            raise ConfigError(
+                f"{where}: scale_dtype {self.scale_dtype} applies to integer schemes; "
+                f"{'GGUF blocks' if self.ggml_type else self.data_type + ' scales'} have the dtype their format "
+                "defines: drop --scale_dtype"
+            )
         if self.data_type in FP_TYPES:
             return self._validate_fp(where)
         if self.ggml_type is not None:
@@ -210,6 +221,18 @@ GGUF_FTYPES: dict[str, str] = {
 }
 
 
+SCALE_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def parse_scale_dtype(value: Any) -> str:
+    """``fp16`` / ``bf16`` / ``fp32`` (or ``torch.bfloat16``, a torch dtype) -> float16 / bfloat16 / float32."""
+    key = str(value).lower().replace("torch.", "")
+    if key not in SCALE_DTYPES:
+        raise ConfigError(f"scale_dtype {value!r} is not supported; use fp16 (default), bf16 or fp32")
+    return SCALE_DTYPES[key]
+
+
 def _w(bits: int, group_size: int = 128) -> QuantSpec:
     return QuantSpec(bits=bits, group_size=group_size, sym=True)
 
@@ -296,7 +319,8 @@ def spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
             base = preset(value.pop("scheme"))
         else:
             base = default
-        allowed = {"bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_group_size", "act_dynamic"}
+        allowed = {"bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_group_size", "act_dynamic",
+                   "scale_dtype"}
         extra = set(value) - allowed
         if extra:
             raise ConfigError(f"{where}: unknown option(s) {sorted(extra)}; allowed: {sorted(allowed | {'scheme'})}")

@@ -76,3 +76,45 @@ def test_formats_refuse_before_tuning(tiny_model_dir, tmp_path, kw, fmt, needle)
         ar.quantize_and_save(tmp_path / "q", format=fmt)
     assert ar.result is None, "nothing may be tuned before the format check"
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("scale_dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_scale_dtype_rounds_and_stores_scales(stories_dir, tmp_path, scale_dtype, torch_dtype):
+    import json
+
+    from safetensors.torch import load_file
+
+    from signround import AutoRound, load_quantized
+    from signround.qdq import qdq
+    from signround.schemes import resolve_scheme
+
+    spec = resolve_scheme("W4A16G32", scale_dtype=scale_dtype)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    _, qp = qdq(w, spec)
+    assert torch.equal(qp.scale, qp.scale.to(torch_dtype).float())  # rounded to what the file stores
+    if torch_dtype == torch.float32:
+        assert not torch.equal(qp.scale, qp.scale.half().float())  # not the float16 default
+    ar = AutoRound(str(stories_dir), scheme="W4A16G32", scale_dtype=scale_dtype, iters=2, nsamples=4, seqlen=64,
+                   batch_size=4, enable_torch_compile=False, ignore_layers="down_proj")
+    model, _ = ar.quantize()
+    out = ar.save_quantized(tmp_path / "o", format="auto_round", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["scale_dtype"] == f"torch.{torch_dtype}".replace("torch.torch.", "torch.")
+    sd = load_file(str(out / "model.safetensors"))
+    assert sd["model.layers.0.self_attn.q_proj.scales"].dtype == torch_dtype
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(str(out), dtype=torch.float32)(ids).logits, model(ids).logits)
+
+
+def test_scale_dtype_refused_where_it_cannot_hold(stories_dir, tmp_path):
+    from signround import AutoRound
+    from signround.errors import ConfigError, ExportError
+
+    ar = AutoRound(str(stories_dir), scheme="W4A16G32", scale_dtype="bf16", iters=0, ignore_layers="down_proj")
+    with pytest.raises(ExportError, match="float16 scales.*auto_round"):
+        ar.quantize_and_save(tmp_path / "o", format="auto_gptq")
+    with pytest.raises(ConfigError, match="drop --scale_dtype"):
+        AutoRound(str(stories_dir), scheme="MXFP4", scale_dtype="bf16")
+    with pytest.raises(ConfigError, match="fp16 \\(default\\), bf16 or fp32"):
+        AutoRound(str(stories_dir), scale_dtype="int8")

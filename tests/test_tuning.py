@@ -463,3 +463,41 @@ def test_alg_ext_loss_leaves_out_the_largest_errors_and_widens_the_scales(storie
     # a different loss is tuned: on the first block (same inputs) the suppressed loss is the smaller
     first = base.plan.block_names[0]
     assert e[first]["loss_rtn"] < b[first]["loss_rtn"]
+
+
+def test_norm_bias_tuning_tunes_norms_and_biases_and_stores_them(tmp_path, stories_dir):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from safetensors.torch import load_file
+    from tiny_models import wide_model
+
+    src = wide_model(tmp_path, stories_dir, tied=False, family="qwen2")  # k/v biases, norms of ones
+    with torch.no_grad():  # norms that vary, as trained models' do
+        from safetensors.torch import save_file
+
+        sd = load_file(str(src / "model.safetensors"))
+        g = torch.Generator().manual_seed(0)
+        for k in sd:
+            if k.endswith("layernorm.weight"):
+                sd[k] = 1 + 0.2 * torch.randn(sd[k].shape, generator=g)
+        save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    runs = {}
+    for nb in (False, True):
+        ar = AutoRound(str(src), scheme="W2A16G32", iters=8, nsamples=8, seqlen=64, batch_size=4,
+                       enable_torch_compile=False, enable_norm_bias_tuning=nb)
+        out = tmp_path / f"o{nb}"
+        ar.quantize_and_save(out, format="auto_round")
+        report = json.loads((out / "report.json").read_text())
+        assert report["self_check"][0]["status"] == "passed"  # the tuned norms and biases are in the files
+        runs[nb] = (ar.result.block_stats, load_file(str(next(out.glob("*.safetensors")))))
+    orig = load_file(str(src / "model.safetensors"))
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.k_proj.bias"):
+        assert torch.equal(runs[False][1][name], orig[name]), name  # untouched without the flag
+        moved = (runs[True][1][name].float() - orig[name].float()).abs()
+        step = (orig[name].float().max() - orig[name].float().min()) / 15
+        assert 0 < moved.max() <= step / 2 + 1e-3, name  # at most half a 4-bit step of the range
+    # more tunable parameters reach a lower loss on the first block (the same inputs in both runs)
+    first = {nb: stats["model.layers.0"]["loss_final"] for nb, (stats, _) in runs.items()}
+    assert first[True] < first[False]

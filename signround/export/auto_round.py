@@ -59,6 +59,8 @@ def is_fp_plan(plan: QuantPlan) -> bool:
 
 def _spec_dict(spec: QuantSpec, acts: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "data_type": spec.data_type}
+    if spec.scale_dtype != "float16":
+        d["scale_dtype"] = f"torch.{spec.scale_dtype}"
     if acts:  # floating-point files: upstream's loader picks its kernel by the activation settings too
         d.update(act_bits=spec.act_bits, act_group_size=spec.act_group_size, act_sym=True,
                  act_data_type=UPSTREAM_ACT_NAMES.get(spec.act_data_type, spec.act_data_type),
@@ -81,7 +83,7 @@ def extra_config(plan: QuantPlan) -> dict[str, dict[str, Any]]:
         if name not in inside:
             extra[name] = d
         else:
-            diff = {k: v for k, v in d.items() if default[k] != v}
+            diff = {k: v for k, v in d.items() if default.get(k) != v}
             if diff:
                 extra[name] = diff
     for name in plan.routers:  # kept; upstream's loader would take a router it is not told about for quantized

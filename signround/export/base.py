@@ -42,6 +42,11 @@ class PackedExporter:
                     f"({spec.label()}); use --format llm_compressor (compressed-tensors int-quantized, what "
                     "vLLM runs as W8A8) or fake"
                 )
+            if spec.scale_dtype != "float16" and self.name != "auto_round":
+                raise ExportError(
+                    f"{self.name}'s kernels read float16 scales; {name} has {spec.scale_dtype} scales "
+                    "(--scale_dtype): use --format auto_round or llm_compressor, or drop --scale_dtype"
+                )
             if spec.data_type != "int" or spec.bits not in (2, 3, 4, 8):
                 fix = (f"--format gguf:{plan.ggml_ftype}" if plan.ggml_ftype
                        else "--format llm_compressor (compressed-tensors, what vLLM loads)")
@@ -66,7 +71,8 @@ class PackedExporter:
         layer, _, leaf = name.rpartition(".")
         if leaf == "weight" and layer in plan.quantized:
             qp = quantized_params(qparams, layer, t)
-            packed = {**pack_layer(qp, self.packing(plan)), **self.extra_layer_tensors(qp)}
+            scale_dtype = getattr(torch, plan.specs[layer].scale_dtype)
+            packed = {**pack_layer(qp, self.packing(plan), scale_dtype), **self.extra_layer_tensors(qp)}
             for key, value in packed.items():
                 yield f"{layer}.{key}", value
         else:

@@ -100,7 +100,8 @@ def layer_tensors(qp: QParams, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
         t["weight_scale"] = qp.scale.to(dtype).contiguous()
     elif spec.data_type == "int":
         t["weight_packed"] = pack_cols(qp.codes.to(torch.int64), qp.bits)
-        t["weight_scale"] = qp.scale.to(dtype).contiguous()
+        # float32 scales (--scale_dtype fp32) keep their precision; others go in the model's dtype
+        t["weight_scale"] = qp.scale.to(torch.float32 if spec.scale_dtype == "float32" else dtype).contiguous()
         t["weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
         if not spec.sym:
             t["weight_zero_point"] = pack_rows(qp.zero.round().to(torch.int64), qp.bits)

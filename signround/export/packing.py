@@ -124,8 +124,9 @@ PACKINGS: dict[str, Packing] = {
 }
 
 
-def pack_layer(qp: QParams, packing: str) -> dict[str, torch.Tensor]:
-    """QParams -> ``qweight`` / ``qzeros`` / ``scales`` tensors of the given packing format."""
+def pack_layer(qp: QParams, packing: str, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """QParams -> ``qweight`` / ``qzeros`` / ``scales`` tensors of the given packing format (scales
+    in ``scale_dtype``, the dtype the qdq rounded them to)."""
     p = PACKINGS[packing]
     codes = qp.codes.t()  # [in, out], in their small dtype (the packers widen them)
     zeros = qp.zero.round().to(torch.int64).t() + p.zero_offset  # [n_groups, out]
@@ -138,4 +139,4 @@ def pack_layer(qp: QParams, packing: str) -> dict[str, torch.Tensor]:
         qweight, qzeros = pack_rows(codes, qp.bits), pack_cols(zeros, qp.bits)
     else:
         qweight, qzeros = pack_awq(codes), pack_awq(zeros)
-    return {"qweight": qweight, "qzeros": qzeros, "scales": qp.scale.t().contiguous().to(torch.float16)}
+    return {"qweight": qweight, "qzeros": qzeros, "scales": qp.scale.t().contiguous().to(scale_dtype)}

@@ -46,6 +46,7 @@ def _gptq_dynamic(dynamic: dict[str, dict], name: str) -> dict | None:
 
 
 QUANT_METHODS = ("auto-round", "auto_round", "gptq", "awq")
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def _format_of(qc: dict[str, Any], path: Path) -> tuple[str, QuantSpec]:
@@ -178,7 +179,13 @@ def quantized_skeleton(p: Path, qc: dict[str, Any], shards: list[Path], dtype: t
     packing, default = _format_of(qc, p)
     model, dtype = _empty_model(p, dtype, device)
     namer = file_namer(model)  # the checkpoint's names (Mixtral's block_sparse_moe) -> the model's
-    keys = [namer(k) for f in shards for k in safe_open(str(f), "pt").keys()]
+    keys, scale_dtypes = [], {}
+    for f in shards:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                keys.append(namer(k))
+                if k.endswith(".scales"):  # float16, or bfloat16 / float32 (--scale_dtype)
+                    scale_dtypes[namer(k)[: -len(".scales")]] = SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype())
     quantized = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
     specs = _layer_specs(config_names(qc, namer), default, quantized)
     modules = dict(model.named_modules())
@@ -192,7 +199,7 @@ def quantized_skeleton(p: Path, qc: dict[str, Any], shards: list[Path], dtype: t
         set_module(
             model, name,
             QuantLinear(in_f, out_f, spec.bits, spec.group_size, packing, bias=mod.bias is not None, dtype=dtype,
-                        device="meta"),
+                        device="meta", scale_dtype=scale_dtypes.get(name) or torch.float16),
         )
     return model, dtype, specs, packing
 

@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        scale_dtype: torch.dtype = torch.float16,
     ):
         super().__init__()
         if packing not in PACKINGS:
@@ -50,7 +51,7 @@ class QuantLinear(nn.Module):
         kw = {"device": device}
         self.register_buffer("qweight", torch.zeros(qw_shape, dtype=torch.int32, **kw))
         self.register_buffer("qzeros", torch.zeros(qz_shape, dtype=torch.int32, **kw))
-        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=torch.float16, **kw))
+        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=scale_dtype, **kw))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:

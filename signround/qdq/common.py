@@ -159,9 +159,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def to_scale_dtype(x: torch.Tensor) -> torch.Tensor:
+def to_scale_dtype(x: torch.Tensor, dtype: torch.dtype = SCALE_DTYPE) -> torch.Tensor:
     # The cast is differentiable; the value is the one that will be stored on disk.
-    return x.to(SCALE_DTYPE).to(torch.float32)
+    return x.to(dtype).to(torch.float32)
 
 
 def grouped_range(

@@ -35,6 +35,7 @@ class TuneConfig:
     enable_adam: bool = False  # AdamW instead of signed steps (upstream's --adam; default lr 5e-3)
     momentum: float = 0.0  # momentum of the signed steps (upstream's --momentum)
     enable_deterministic_algorithms: bool = False
+    enable_norm_bias_tuning: bool = False  # upstream's: norm weights and Linear biases tuned too (offsets)
     enable_alg_ext: bool = False  # SignRoundV2's tuning extensions (see tune/signround.py: alg_ext)
     calibrate_all_experts: bool = False  # MoE: experts also compute the tokens not routed to them
     min_expert_tokens: int = 32  # MoE: experts routed fewer calibration tokens keep their optimized-RTN start

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch import nn
 
 from ..model.layers import attach_act_quant, get_weight, set_module, set_weight
@@ -83,7 +84,8 @@ class TunableLayer(nn.Module):
         # its quantized layers in bf16, half a float32 copy): every qdq function upcasts exactly
         w = get_weight(module).detach()
         self.register_buffer("w", w, persistent=False)
-        self.bias = None if module.bias is None else module.bias.detach().float()
+        # a buffer, so that --enable_norm_bias_tuning can put a tuned offset on it (TunableOffset)
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach().float(), persistent=False)
         ng = n_groups(w.shape[1], spec.group_size)
         ones = torch.ones(w.shape[0], ng, device=w.device)
         self.v = nn.Parameter(torch.zeros_like(w, dtype=torch.float32))
@@ -196,9 +198,84 @@ class TunableLayer(nn.Module):
         """Write the qdq weight into the wrapped module and return its QParams."""
         w_qdq, qp = self.qdq_weight()
         set_weight(self.orig, w_qdq)
+        if self.orig.bias is not None:  # tuned by --enable_norm_bias_tuning, else the same values
+            self.orig.bias.data.copy_(self.bias.to(self.orig.bias.dtype))
         attach_act_quant(self.orig, self.spec, self.act_amax)
         qp.input_amax = self.act_amax
         return compact(qp)
+
+
+class _Offset(nn.Module):
+    def __init__(self, owner: "TunableOffset"):
+        super().__init__()
+        self.owner = [owner]  # not a submodule: the owner holds this parametrization
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.owner[0]
+        return (o.w0 + o.v * o.step).to(x.dtype)
+
+
+class TunableOffset(nn.Module):
+    """--enable_norm_bias_tuning (upstream's): a norm weight or a Linear bias tuned as
+    ``w + v * step`` with ``v`` in [-0.5, 0.5] and ``step`` a 4-bit step of the tensor's range,
+    through a parametrization of the module's tensor; the same signed steps as the rounding."""
+
+    def __init__(self, module: nn.Module, attr: str):
+        super().__init__()
+        self.module, self.attr = module, attr
+        t = getattr(module, attr).detach()
+        self.register_buffer("w0", t.float().clone(), persistent=False)
+        self.step = float((self.w0.max() - self.w0.min()).clamp_min(1e-5) / 15)
+        self.v = nn.Parameter(torch.zeros_like(self.w0))
+        self._momentum: dict[int, torch.Tensor] = {}
+        self.frozen = False
+        parametrize.register_parametrization(module, attr, _Offset(self), unsafe=True)
+
+    def state(self, zero_v: bool = False) -> list[torch.Tensor | None]:
+        return [None if zero_v else self.v.detach().clone()]
+
+    def load(self, state: list[torch.Tensor | None]) -> None:
+        with torch.no_grad():
+            self.v.zero_() if state[0] is None else self.v.copy_(state[0])
+
+    def save_into(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            state[0].copy_(self.v)
+
+    @torch.no_grad()
+    def signed_step(self, lr: float, minmax_lr: float, momentum: float = 0.0) -> None:
+        if self.v.grad is None:
+            return
+        g = self.v.grad
+        if momentum:
+            buf = self._momentum.get(0)
+            g = self._momentum[0] = g if buf is None else buf.mul_(momentum).add_(g)
+        self.v.add_(g.sign(), alpha=-lr).clamp_(-0.5, 0.5)
+        self.v.grad = None
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.v.clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Keep the tuned values in the module's own tensor and dtype; drop the parametrization."""
+        value = self.w0 + self.v * self.step
+        parametrize.remove_parametrizations(self.module, self.attr, leave_parametrized=False)
+        getattr(self.module, self.attr).data.copy_(value.to(getattr(self.module, self.attr).dtype))
+
+
+def norm_bias_offsets(unit: nn.Module, wrappers: dict[str, "TunableLayer"]) -> dict[str, TunableOffset]:
+    """The norm weights of ``unit`` and the biases of its quantized layers, as tunable offsets."""
+    out: dict[str, TunableOffset] = {}
+    for name, m in unit.named_modules():
+        if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter) \
+                and m.weight.dim() == 1:
+            out[f"{name}.weight"] = TunableOffset(m, "weight")
+    for rel, wr in wrappers.items():
+        if wr.bias is not None:
+            out[f"{rel}.bias"] = TunableOffset(wr, "bias")
+    return out
 
 
 @contextlib.contextmanager
@@ -396,9 +473,12 @@ def tune_unit(
     else:
         for rel, wr in wrappers.items():
             set_module(holder, rel, wr)
+    offsets: dict[str, TunableOffset] = {}
     try:
         for p in holder.parameters():
             p.requires_grad_(False)
+        if cfg.enable_norm_bias_tuning and cfg.iters:
+            offsets = norm_bias_offsets(holder, wrappers)
         for wr in wrappers.values():
             wr.v.requires_grad_(True)
             wr.min_scale.requires_grad_(cfg.enable_minmax_tuning)
@@ -442,9 +522,13 @@ def tune_unit(
         # measured and dropped: lower calibration losses on every block, but SmolLM2-135M W2G64
         # WikiText-2 263.26 vs 251.95 and W4G64 tinyshakespeare 48.19 vs 46.92 (16 x 256 tokens).
         ref = start.per_sample.clamp_min(torch.finfo(torch.float64).tiny)
-        start_state = {k: w.state(zero_v=True) for k, w in wrappers.items()}  # the start has no offsets
+        # the rounding and clipping of each layer, and the norm / bias offsets, tuned alike
+        tunables: dict[str, TunableLayer | TunableOffset] = {**wrappers, **offsets}
+        start_state = {k: w.state(zero_v=True) for k, w in tunables.items()}  # the start has no offsets
 
         lrs = {k: cfg.lrs_for(w.spec) for k, w in wrappers.items()}
+        first_lr = next(iter(lrs.values()))
+        lrs.update({k: first_lr for k in offsets})
         adam = None
         if cfg.enable_adam and cfg.iters:  # upstream's --adam: AdamW on the same parameters
             groups = []
@@ -452,11 +536,12 @@ def tune_unit(
                 groups.append({"params": [w.v], "lr": lrs[k][0], "base": lrs[k][0]})
                 if cfg.enable_minmax_tuning:
                     groups.append({"params": [w.min_scale, w.max_scale], "lr": lrs[k][1], "base": lrs[k][1]})
+            groups += [{"params": [o.v], "lr": lrs[k][0], "base": lrs[k][0]} for k, o in offsets.items()]
             adam = torch.optim.AdamW(groups, weight_decay=0.0)
         # gradients read only by the plain signed step, once per step: their signs are enough
         sign_only = adam is None and not cfg.momentum and cfg.gradient_accumulate_steps == 1
         best = best_score = math.inf
-        best_state = {k: w.state() for k, w in wrappers.items()} if cfg.iters else start_state
+        best_state = {k: w.state() for k, w in tunables.items()} if cfg.iters else start_state
         best_iter = 0
         loss_iter0 = math.nan
         perm = torch.randperm(n, generator=generator)
@@ -497,7 +582,7 @@ def tune_unit(
             if score < best_score:
                 best_score, best, best_iter = score, total, it
                 if not cfg.not_use_best_mse:
-                    for k, w in wrappers.items():
+                    for k, w in tunables.items():
                         w.save_into(best_state[k])
             if last_unscored:
                 break
@@ -507,26 +592,31 @@ def tune_unit(
                     group["lr"] = group["base"] * decay
                 adam.step()
                 adam.zero_grad(set_to_none=True)
-                for wr in wrappers.values():
+                for wr in tunables.values():
                     wr.clamp_()
                 continue
-            for k, wr in wrappers.items():
+            for k, wr in tunables.items():
                 wr.signed_step(lrs[k][0] * decay, lrs[k][1] * decay, cfg.momentum)
         iters_run = it + 1 if cfg.iters else 0
         if cfg.not_use_best_mse:
-            best_state = {k: w.state() for k, w in wrappers.items()}
+            best_state = {k: w.state() for k, w in tunables.items()}
         loss_final, outputs = loss_start, out_start
         if iters_run:
-            for k, w in wrappers.items():
+            for k, w in tunables.items():
                 w.load(best_state[k])
             final = full_pass(keep_outputs)
             loss_final, outputs = final.loss, final.outputs
             if not loss_final <= loss_start:  # worse (or NaN) after tuning: keep the starting point
-                for k, w in wrappers.items():
+                for k, w in tunables.items():
                     w.load(start_state[k])
                 loss_final, outputs = loss_start, out_start
+        for o in offsets.values():
+            o.bake()
+        offsets = {}
         qparams = {rel: w.bake() for rel, w in wrappers.items()}
     finally:
+        for o in offsets.values():  # an error: the modules go back to their own tensors
+            parametrize.remove_parametrizations(o.module, o.attr, leave_parametrized=False)
         if "" not in wrappers:
             for rel, wr in wrappers.items():
                 set_module(holder, rel, wr.orig)
