@@ -104,6 +104,7 @@ class AutoRound:
         enable_deterministic_algorithms: bool | None = None,
         enable_alg_ext: bool | None = None,
         enable_norm_bias_tuning: bool | None = None,
+        nblocks: int | None = None,
         calibrate_all_experts: bool | None = None,
         min_expert_tokens: int | None = None,
         static_kv_dtype: str | None = None,
@@ -145,7 +146,7 @@ class AutoRound:
             not_use_best_mse=not_use_best_mse, low_gpu_mem_usage=low_gpu_mem_usage, amp=amp,
             enable_torch_compile=enable_torch_compile, disable_opt_rtn=disable_opt_rtn, cache_dtype=cache_dtype,
             enable_adam=enable_adam, momentum=momentum, enable_deterministic_algorithms=enable_deterministic_algorithms,
-            enable_alg_ext=enable_alg_ext, enable_norm_bias_tuning=enable_norm_bias_tuning,
+            enable_alg_ext=enable_alg_ext, enable_norm_bias_tuning=enable_norm_bias_tuning, nblocks=nblocks,
             calibrate_all_experts=calibrate_all_experts,
             min_expert_tokens=min_expert_tokens, seed=seed,
         )
@@ -525,6 +526,10 @@ class AutoRound:
                        enable_quanted_input=c.enable_quanted_input)
             if c.enable_alg_ext:
                 rec["enable_alg_ext"] = True
+            if c.enable_norm_bias_tuning:
+                rec["enable_norm_bias_tuning"] = True
+            if c.nblocks != 1:
+                rec["nblocks"] = c.nblocks
         return rec
 
     def _report(self, formats: list[str]) -> dict[str, Any]:

@@ -125,6 +125,9 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--enable_alg_ext", action="store_true",
                    help="SignRoundV2's tuning extensions: below 4 bits the block loss leaves out each sample's largest "
                         "0.1%% of output errors, and clipping scales may grow to 2x (symmetric int / MX / NV schemes)")
+    p.add_argument("--nblocks", type=int, default=None,
+                   help="tune N consecutive blocks as one unit (their layers together, the loss on the last block's "
+                        "output; default 1); measured: docs/benchmarks.md")
     p.add_argument("--enable_norm_bias_tuning", action="store_true",
                    help="also tune the blocks' norm weights and the quantized layers' biases (offsets of up to half "
                         "a 4-bit step of each tensor's range, signed steps as the rounding); measured: docs/benchmarks.md")
@@ -401,6 +404,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         enable_deterministic_algorithms=True if args.enable_deterministic_algorithms else None,
         enable_alg_ext=True if args.enable_alg_ext else None,
         enable_norm_bias_tuning=True if args.enable_norm_bias_tuning else None,
+        nblocks=args.nblocks,
         calibrate_all_experts=True if args.calibrate_all_experts else None,
         min_expert_tokens=args.min_expert_tokens,
         static_kv_dtype=args.static_kv_dtype,

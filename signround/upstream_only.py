@@ -9,7 +9,6 @@ _DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_
 
 # accepted by upstream's AutoRound(...) and its CLI alike (the CLI spells them --NAME)
 SHARED = {
-    "nblocks": "tuning several blocks jointly is not implemented; blocks are tuned one at a time",
     "super_bits": _DOUBLE_QUANT,
     "super_group_size": _DOUBLE_QUANT,
     "quant_nontext_module": _VLM,

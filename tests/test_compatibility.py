@@ -62,5 +62,5 @@ def test_api_argument_status_matches_the_signature(arg, status):
 def test_not_offered_api_arguments_are_refused_with_the_reason(stories_dir):
     from signround.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="nblocks: tuning several blocks jointly"):
-        AutoRound(str(stories_dir), nblocks=2)
+    with pytest.raises(ConfigError, match="super_bits: double quantization is set by the GGUF schemes"):
+        AutoRound(str(stories_dir), super_bits=6)

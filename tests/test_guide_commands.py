@@ -81,7 +81,9 @@ ROWS = [
         "--nsamples 4 --seqlen 64", 0, "layer_config.json"),  # upstream's newer spelling of AutoScheme
     Row("--model {model} --avg_bits 1.5 --options W2A16,W4A16 --output_dir {out} --iters 0", 2,
         "outside what the options reach"),
-    Row("--model {model} --nblocks 2 --output_dir {out}", 2, "blocks are tuned one at a time"),
+    Row("--model {model} --nblocks 2 --output_dir {out} " + SMALL, 0, "report.json"),
+    Row("--model {model} --enable_norm_bias_tuning --output_dir {out} " + SMALL, 0, "report.json"),
+    Row("--model {model} --scale_dtype bf16 --output_dir {out} --iters 0", 0, "config.json"),
     # evaluation, the guide's spellings
     Row("--model {model} --eval --tasks ppl:{text} --limit 2 --eval_bs 2", 0, None),
     Row("eval --model {model} --tasks ppl:{text} --limit 2", 0, None),

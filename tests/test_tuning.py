@@ -501,3 +501,19 @@ def test_norm_bias_tuning_tunes_norms_and_biases_and_stores_them(tmp_path, stori
     # more tunable parameters reach a lower loss on the first block (the same inputs in both runs)
     first = {nb: stats["model.layers.0"]["loss_final"] for nb, (stats, _) in runs.items()}
     assert first[True] < first[False]
+
+
+def test_nblocks_tunes_consecutive_blocks_as_one_unit(stories_dir, tmp_path):
+    ar = AutoRound(str(stories_dir), scheme="W2A16G32", iters=6, nsamples=8, seqlen=64, batch_size=4,
+                   enable_torch_compile=False, nblocks=2)
+    ar.quantize_and_save(tmp_path / "o", format="auto_round")
+    stats = ar.result.block_stats
+    groups = [["model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3"]]
+    for g in groups:  # one tuning of both blocks' layers, its loss on the second block's output
+        assert stats[g[0]] is stats[g[1]] and stats[g[0]]["tuned_with"] == g
+        assert stats[g[0]]["loss_final"] < stats[g[0]]["loss_rtn"]
+    assert "tuned_with" not in stats["model.layers.4"]  # the last, shorter group is one block
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["self_check"][0]["status"] == "passed" and report["settings"]["nblocks"] == 2
+    with pytest.raises(Exception, match="nblocks must be a positive integer"):
+        AutoRound(str(stories_dir), nblocks=0)

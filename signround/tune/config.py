@@ -35,6 +35,7 @@ class TuneConfig:
     enable_adam: bool = False  # AdamW instead of signed steps (upstream's --adam; default lr 5e-3)
     momentum: float = 0.0  # momentum of the signed steps (upstream's --momentum)
     enable_deterministic_algorithms: bool = False
+    nblocks: int = 1  # consecutive blocks tuned as one unit (upstream's --nblocks)
     enable_norm_bias_tuning: bool = False  # upstream's: norm weights and Linear biases tuned too (offsets)
     enable_alg_ext: bool = False  # SignRoundV2's tuning extensions (see tune/signround.py: alg_ext)
     calibrate_all_experts: bool = False  # MoE: experts also compute the tokens not routed to them
@@ -83,7 +84,8 @@ class TuneConfig:
         return lr, self.minmax_lr if self.minmax_lr is not None else lr * steps[1]
 
     def validate(self) -> "TuneConfig":
-        for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen", "min_expert_tokens"):
+        for name in ("iters", "gradient_accumulate_steps", "batch_size", "nsamples", "seqlen", "min_expert_tokens",
+                     "nblocks"):
             v = getattr(self, name)
             lowest = 0 if name in ("iters", "min_expert_tokens") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < lowest:

@@ -286,106 +286,132 @@ def quantize_model(
         logger.info("resuming after block %d of %d (%s)", start, len(blocks), blocks[start - 1] if start else "-")
 
     bar = tqdm(blocks, desc=f"{cfg.mode} blocks", disable=not show_progress, initial=start, total=len(blocks))
-    for index in range(start, len(blocks)):
-        block_name = blocks[index]
+    # --nblocks N: N consecutive blocks are tuned as one unit (their layers together, the loss on the
+    # last one's output); a resumed run starts at a group boundary (resume refuses another N)
+    step = cfg.nblocks if calibrated else 1
+    for index in range(start, len(blocks), step):
+        group = blocks[index:index + step]
         t0 = time.time()
-        source.materialize(model, block_name)
-        blk = get_module(model, block_name)
-        # in-memory weights of a memory-mapped checkpoint: their file pages are dropped after the block
-        old_weights = [] if source.streamed else [p.data for p in blk.parameters()]
-        names = plan.layers_of(block_name)
-        orig_param = next(blk.parameters())
-        orig_device, orig_dtype = orig_param.device, orig_param.dtype
+        blks, old_weights, origs = [], [], []
+        for block_name in group:
+            source.materialize(model, block_name)
+            blk = get_module(model, block_name)
+            blks.append(blk)
+            # in-memory weights of a memory-mapped checkpoint: their file pages are dropped after the block
+            old_weights += [] if source.streamed else [p.data for p in blk.parameters()]
+            orig_param = next(blk.parameters())
+            origs.append((orig_param.device, orig_param.dtype))
+        # the unit tuned: the block itself, or the group with its layers named "<i>.<name in block i>"
+        unit = blks[0] if len(blks) == 1 else BlockGroup(blks)
+        unit_names: dict[str, str] = {}
+        for i, b in enumerate(group):
+            for n in plan.layers_of(b):
+                rel = n[len(b) + 1:]
+                unit_names[rel if len(blks) == 1 else f"{i}.{rel}"] = n
         qparams: dict[str, QParams] = {}
         stats: dict[str, Any] = {}
         hooks: list = []
+        routed = None
         if calibrated:
             # under autocast the layers to quantize keep the checkpoint's dtype: their matmuls run
             # in it anyway and qdq upcasts exactly, so a float32 copy of the block is not needed
-            keep = tuple(get_module(model, n) for n in names) if amp_dtype(device, cfg) is not None else ()
-            hooks = place_block(blk, devmap, torch.float32, keep)
-            set_calibrate_all(blk, cfg.calibrate_all_experts)
-            kw = cast_kwargs(block_kwargs[block_name], device, torch.float32)
+            keep = tuple(get_module(model, n) for n in unit_names.values()) if amp_dtype(device, cfg) is not None else ()
+            for blk in blks:
+                hooks += place_block(blk, devmap, torch.float32, keep)
+                set_calibrate_all(blk, cfg.calibrate_all_experts)
+            kws = [cast_kwargs(block_kwargs[b], device, torch.float32) for b in group]
 
-            def run(unit: nn.Module, xb: torch.Tensor, kw=kw) -> torch.Tensor:
+            def run(u: nn.Module, xb: torch.Tensor, kws=kws) -> torch.Tensor:
                 with _autocast(device, cfg):
-                    return block_forward(unit, xb, kw)
+                    for blk_i, kw_i in zip(u if isinstance(u, BlockGroup) else (u,), kws):
+                        xb = block_forward(blk_i, xb, kw_i)
+                    return xb
 
             if index == start:
-                sample_s = time_sample_forward(lambda xb: run(blk, xb), x_fp, device)
+                sample_s = time_sample_forward(lambda xb: run(unit, xb), x_fp, device) / len(blks)
                 log_estimate(cfg, sample_s, x_fp.shape[0], len(blocks) - start, device)
-            with RoutedTokens(blk) as routed:  # MoE: the tokens each expert is tuned on
-                y_fp = _batched(lambda xb: run(blk, xb), x_fp, bs, device, store)
-            if names:
-                prefix = block_name + "."
-                layers = {n[len(prefix):]: (get_module(model, n), plan.specs[n]) for n in names}
+            with RoutedTokens(unit) as routed:  # MoE: the tokens each expert is tuned on
+                y_fp = _batched(lambda xb: run(unit, xb), x_fp, bs, device, store)
+            if unit_names:
+                layers = {rel: (get_module(model, n), plan.specs[n]) for rel, n in unit_names.items()}
                 bar_step = _live_loss(bar, cfg)
                 frozen = routed.layers_below(cfg.min_expert_tokens, layers)
-                res = _quantize_unit(blk, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs,
+                res = _quantize_unit(unit, layers, run, x_q, lambda idx, xb: y_fp[idx].to(device), cfg, device, bs,
                                      gen, keep_outputs=cfg.enable_quanted_input, on_step=bar_step, frozen=frozen)
-                qparams = {prefix + rel: qp for rel, qp in res.qparams.items()}
+                qparams = {unit_names[rel]: qp for rel, qp in res.qparams.items()}
                 stats = res.stats.as_dict()
-            if plan.static_attention:  # FP8 attention scales of the tuned block, on its quantized inputs
-                attn = [m for _, m in kvcache.attention_modules(model, block_name)]
+            if plan.static_attention:  # FP8 attention scales of the tuned blocks, on their quantized inputs
+                attn = [m for b in group for _, m in kvcache.attention_modules(model, b)]
                 kvcache.observe(attn, plan.static_attention)
                 with torch.no_grad():
-                    _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
+                    _batched(lambda xb: run(unit, xb), x_q, bs, device, store)
                 kvcache.freeze(attn)
             if not cfg.enable_quanted_input:
                 x_q = y_fp
-            elif names:
-                x_q = res.outputs.to(store, cache)  # the tuned block's outputs, from its final loss pass
+            elif unit_names:
+                x_q = res.outputs.to(store, cache)  # the tuned unit's outputs, from its final loss pass
             else:
-                x_q = _batched(lambda xb: run(blk, xb), x_q, bs, device, store)
+                x_q = _batched(lambda xb: run(unit, xb), x_q, bs, device, store)
             x_fp = y_fp
-            set_calibrate_all(blk, False)
+            for blk in blks:
+                set_calibrate_all(blk, False)
         else:
-            hooks = place_block(blk, devmap, orig_dtype)  # on the tuning device, in its own dtype
+            hooks = place_block(blks[0], devmap, origs[0][1])  # on the tuning device, in its own dtype
             with torch.no_grad():
-                qparams = {n: rtn_layer(get_module(model, n), plan.specs[n]) for n in names}
-        prefix = block_name + "."
-        for kind in list(probes):
-            # "exact": each quantized layer's weight dequantized from its QParams (what the packed
-            # formats hold); "stored": the weights as the model's dtype keeps them (fake)
-            exact = {n[len(prefix):]: qparams[n] for n in names} if kind == "exact" else {}
-            if kind == "stored" and calibrated:
-                blk.to(dtype=orig_dtype)  # the tuned block is float32; round as the saved weights are
-            probes[kind] = _probe_forward(blk, probes[kind], probe_kwargs[block_name], device, exact)
+                qparams = {n: rtn_layer(get_module(model, n), plan.specs[n]) for n in unit_names.values()}
+        for blk, block_name, (_, own_dtype) in zip(blks, group, origs):
+            prefix = block_name + "."
+            names = plan.layers_of(block_name)
+            for kind in list(probes):
+                # "exact": each quantized layer's weight dequantized from its QParams (what the packed
+                # formats hold); "stored": the weights as the model's dtype keeps them (fake)
+                exact = {n[len(prefix):]: qparams[n] for n in names} if kind == "exact" else {}
+                if kind == "stored" and calibrated:
+                    blk.to(dtype=own_dtype)  # the tuned block is float32; round as the saved weights are
+                probes[kind] = _probe_forward(blk, probes[kind], probe_kwargs[block_name], device, exact)
         for h in hooks:
             h.remove()
         hooks = []
-        blk.to(device=orig_device, dtype=orig_dtype)
+        for blk, (orig_device, orig_dtype) in zip(blks, origs):
+            blk.to(device=orig_device, dtype=orig_dtype)
         if calibrated and routed.counts:
             stats["expert_tokens"] = dict(routed.counts)
             few = routed.starved(cfg.min_expert_tokens)
             if few and cfg.mode == "signround":
                 stats["experts_kept_at_start"] = few
                 logger.info("%s: %d of %d experts were routed fewer than %d calibration tokens: kept at optimized RTN "
-                            "(--min_expert_tokens; more --nsamples routes more)", block_name, few,
+                            "(--min_expert_tokens; more --nsamples routes more)", ", ".join(group), few,
                             sum(len(c) for c in routed.counts.values()), cfg.min_expert_tokens)
-        if names:
+        if unit_names:
             stats["seconds"] = round(time.time() - t0, 3)
-            result.block_stats[block_name] = stats
+            if len(group) > 1:
+                stats["tuned_with"] = list(group)
+            for block_name in group:
+                if plan.layers_of(block_name):
+                    result.block_stats[block_name] = stats
             if "loss_final" in stats:  # None: not finite (logged by the tuning loop)
                 bar.set_postfix_str("loss " + " -> ".join("nan" if stats[k] is None else f"{stats[k]:.3g}"
                                                           for k in ("loss_rtn", "loss_final")))
-            logger.debug("%s: %s", block_name, stats)
-        if sink is not None:
-            sink.block(model, block_name, qparams)
-        if keep_qparams:
-            result.qparams.update(qparams)
-        if source.streamed:
-            source.release(model, block_name)
-        elif release and names:
-            release_weights(model, names, result)
+            logger.debug("%s: %s", ", ".join(group), stats)
+        for block_name in group:
+            block_q = {n: qparams[n] for n in plan.layers_of(block_name)}
+            if sink is not None:
+                sink.block(model, block_name, block_q)
+            if keep_qparams:
+                result.qparams.update(block_q)
+            if source.streamed:
+                source.release(model, block_name)
+            elif release and block_q:
+                release_weights(model, list(block_q), result)
         del qparams
         if not source.streamed:
             in_use = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if not t.is_meta}
             drop_file_pages(old_weights, in_use)
         del old_weights
         if checkpoint is not None:
-            checkpoint.save(ResumePoint(index + 1, x_fp, x_q, dict(probes), gen.get_state(), dict(result.block_stats)))
-        bar.update(1)
+            checkpoint.save(ResumePoint(index + len(group), x_fp, x_q, dict(probes), gen.get_state(),
+                                        dict(result.block_stats)))
+        bar.update(len(group))
         release_memory(freeze=True)  # what survives a block (model, caches) lives to the end
     bar.close()
 
@@ -408,6 +434,10 @@ def quantize_model(
             x = inputs_after_blocks(model, blocks, h, probe_ids, head, out_len, probe_ids.shape[0])
         result.probe_logits[kind] = head_logits(head, x)
     return result
+
+
+class BlockGroup(nn.ModuleList):
+    """Consecutive blocks tuned together (``--nblocks``); ``run`` chains their forwards."""
 
 
 def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
