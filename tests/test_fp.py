@@ -357,3 +357,16 @@ def test_static_kv_needs_a_format_that_holds_it(stories_dir, tmp_path):
     assert ar.result is None and not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="static_kv_dtype 'int8'.*fp8"):
         _ar(stories_dir, "W4A16G32", iters=0, static_kv_dtype="int8")
+
+
+def test_static_kv_scales_of_a_half_precision_model_stay_float32(stories_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    # the block is cast back to float16 after tuning: its measured scales must not be rounded with it
+    ar = AutoRound(str(stories_dir), scheme="W4A16G32", iters=0, nsamples=8, seqlen=64, ignore_layers="down_proj",
+                   static_kv_dtype="fp8", dtype="float16", enable_torch_compile=False)
+    ar.quantize_and_save(tmp_path / "o", format="llm_compressor")
+    check = json.loads((tmp_path / "o" / "report.json").read_text())["self_check"][0]
+    assert check["status"] == "passed" and check["relative_difference"] < 1e-6, check
+    sd = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert sd["model.layers.0.self_attn.k_scale"].dtype == torch.float32

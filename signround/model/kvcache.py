@@ -44,21 +44,17 @@ class KVQuant:
     tensors: tuple[str, ...]  # of "q", "k", "v"
     observing: bool = True
     amax: dict[str, torch.Tensor] = field(default_factory=dict)
-    scale: dict[str, torch.Tensor] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # float32, as measured
 
-    def freeze(self) -> None:
-        tiny = torch.finfo(torch.float32).tiny
-        self.scale = {t: (self.amax[t].float() / E4M3_MAX).clamp_min(tiny).reshape(1) for t in self.tensors}
-        self.observing = False
-
-    def apply(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
         if kind not in self.tensors:
             return x
         if self.observing:
             a = x.detach().abs().amax().float().cpu()
             self.amax[kind] = torch.maximum(self.amax[kind], a) if kind in self.amax else a
             return x
-        scale = self.scale[kind].to(x.device)
+        # the module's buffer, so that the model computes with exactly what its files hold
+        scale = getattr(module, SCALE_NAMES[kind]).to(x.device, torch.float32)
         return (round_e4m3(x.float() / scale) * scale).to(x.dtype)
 
 
@@ -68,7 +64,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
     state: KVQuant | None = getattr(module, "_signround_kv", None)
     if state is not None:
-        query, key, value = state.apply("q", query), state.apply("k", key), state.apply("v", value)
+        query, key, value = (state.apply(module, "q", query), state.apply(module, "k", key),
+                             state.apply(module, "v", value))
     base = getattr(module, "_signround_base", "sdpa")
     if base == "eager":
         fn = getattr(__import__(type(module).__module__, fromlist=["eager_attention_forward"]),
@@ -106,23 +103,34 @@ def observe(modules: list[nn.Module], tensors: tuple[str, ...]) -> None:
 
 
 def freeze(modules: list[nn.Module]) -> None:
-    """Stop observing; the modules fake-quantize from now on and hold their scales as buffers
-    (``k_scale`` ...), so the block's state dict carries them into the written files."""
+    """Stop observing; the modules fake-quantize from now on with their scales, held as float32
+    buffers (``k_scale`` ...) so the block's state dict carries them into the written files."""
+    tiny = torch.finfo(torch.float32).tiny
     for m in modules:
         state: KVQuant = m._signround_kv
         if set(state.amax) != set(state.tensors):
             raise ConfigError(f"{type(m).__name__} saw no calibration tokens; static attention scales need some")
-        state.freeze()
-        for t, s in state.scale.items():
-            m.register_buffer(SCALE_NAMES[t], s)
+        for t in state.tensors:
+            state.scales[t] = (state.amax[t].float() / E4M3_MAX).clamp_min(tiny).reshape(1)
+            m.register_buffer(SCALE_NAMES[t], state.scales[t].clone())
+        state.observing = False
+
+
+def keep_float32(modules: list[nn.Module]) -> None:
+    """The measured float32 scales back after the block was cast to the checkpoint's dtype (which
+    rounded its buffers too): the values the model computed its probe with are what files hold."""
+    for m in modules:
+        state: KVQuant | None = getattr(m, "_signround_kv", None)
+        for t, scale in (state.scales.items() if state is not None else ()):
+            m.register_buffer(SCALE_NAMES[t], scale.clone())
 
 
 def attach(module: nn.Module, scales: dict[str, torch.Tensor]) -> None:
     """A loaded module fake-quantizes with the checkpoint's scales."""
-    tensors = tuple(t for t, n in SCALE_NAMES.items() if n in scales)
-    module._signround_kv = KVQuant(tensors, observing=False,
-                                   scale={t: scales[SCALE_NAMES[t]].float().reshape(1) for t in tensors})
+    for name, t in scales.items():
+        module.register_buffer(name, t.float().reshape(1))
+    module._signround_kv = KVQuant(tuple(t for t, n in SCALE_NAMES.items() if n in scales), observing=False)
 
 
-__all__ = ["FP8_TENSOR_ARGS", "KVQuant", "SCALE_NAMES", "attach", "attention_modules", "freeze", "observe",
-           "parse_fp8", "route"]
+__all__ = ["FP8_TENSOR_ARGS", "KVQuant", "SCALE_NAMES", "attach", "attention_modules", "freeze", "keep_float32",
+           "observe", "parse_fp8", "route"]

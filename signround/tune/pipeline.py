@@ -374,6 +374,8 @@ def quantize_model(
         hooks = []
         for blk, (orig_device, orig_dtype) in zip(blks, origs):
             blk.to(device=orig_device, dtype=orig_dtype)
+        if plan.static_attention and calibrated:  # the FP8 scales stay float32, in memory and in the files
+            kvcache.keep_float32([m for b in group for _, m in kvcache.attention_modules(model, b)])
         if calibrated and routed.counts:
             stats["expert_tokens"] = dict(routed.counts)
             few = routed.starved(cfg.min_expert_tokens)
