@@ -51,8 +51,8 @@ def test_self_check_catches_a_packing_bug_and_keeps_the_output(stories_dir, tmp_
 
     real = base.pack_layer
 
-    def buggy(qp, packing):
-        out = real(qp, packing)
+    def buggy(qp, packing, *args):
+        out = real(qp, packing, *args)
         out["qweight"] = out["qweight"] ^ 0x0F0F0F0F
         return out
 
