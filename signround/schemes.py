@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import torch
+
 from .errors import ConfigError
 
 FP_BITS = 16  # bits >= 16 means "keep this layer in floating point"
@@ -78,6 +80,10 @@ class QuantSpec:
     @property
     def quantized(self) -> bool:
         return self.bits < FP_BITS
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)
 
     def with_overrides(self, **overrides: Any) -> "QuantSpec":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
@@ -237,6 +243,9 @@ def _w(bits: int, group_size: int = 128) -> QuantSpec:
     return QuantSpec(bits=bits, group_size=group_size, sym=True)
 
 
+_W8A8 = QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1)
+_MXFP8 = QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp_rceil", act_group_size=32)
+
 PRESETS: dict[str, QuantSpec] = {
     "W2A16": _w(2),
     "W2A16G64": _w(2, 64),
@@ -245,15 +254,15 @@ PRESETS: dict[str, QuantSpec] = {
     "W4A16": _w(4),
     "W8A16": _w(8),
     # W8A8: int8 per-channel weights, dynamic per-token int8 activations (compressed-tensors int-quantized)
-    "W8A8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
-    "INT8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
-    "INT8_W8A8": QuantSpec(8, -1, True, "int", act_bits=8, act_data_type="int", act_group_size=-1),
+    "W8A8": _W8A8,
+    "INT8": _W8A8,
+    "INT8_W8A8": _W8A8,
     # floating-point schemes, with upstream AutoRound's names and activation settings; MXFP8's
     # activations use rceil as upstream's guide gives it (no activation saturates at 448)
     "MXFP4": QuantSpec(4, 32, True, "mx_fp", act_bits=4, act_data_type="mx_fp", act_group_size=32),
     "MXFP4_RCEIL": QuantSpec(4, 32, True, "mx_fp", act_bits=4, act_data_type="mx_fp_rceil", act_group_size=32),
-    "MXFP8": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp_rceil", act_group_size=32),
-    "MXFP8_RCEIL": QuantSpec(8, 32, True, "mx_fp", act_bits=8, act_data_type="mx_fp_rceil", act_group_size=32),
+    "MXFP8": _MXFP8,
+    "MXFP8_RCEIL": _MXFP8,
     "NVFP4": QuantSpec(4, 16, True, "nv_fp", act_bits=4, act_data_type="nv_fp", act_group_size=16),
     "MXFP4A16": QuantSpec(4, 32, True, "mx_fp"),
     "MXFP8A16": QuantSpec(8, 32, True, "mx_fp"),

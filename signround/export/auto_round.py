@@ -15,8 +15,7 @@ Packing formats, chosen from the layers' specs:
 from __future__ import annotations
 
 import os
-from typing import Any
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn

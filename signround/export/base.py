@@ -71,8 +71,8 @@ class PackedExporter:
         layer, _, leaf = name.rpartition(".")
         if leaf == "weight" and layer in plan.quantized:
             qp = quantized_params(qparams, layer, t)
-            scale_dtype = getattr(torch, plan.specs[layer].scale_dtype)
-            packed = {**pack_layer(qp, self.packing(plan), scale_dtype), **self.extra_layer_tensors(qp)}
+            scales = plan.specs[layer].scale_torch_dtype
+            packed = {**pack_layer(qp, self.packing(plan), scales), **self.extra_layer_tensors(qp)}
             for key, value in packed.items():
                 yield f"{layer}.{key}", value
         else:

@@ -11,6 +11,7 @@ calls the model's own implementation. Modules without a state pass straight thro
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -67,16 +68,16 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         query, key, value = (state.apply(module, "q", query), state.apply(module, "k", key),
                              state.apply(module, "v", value))
     base = getattr(module, "_signround_base", "sdpa")
-    if base == "eager":
-        fn = getattr(__import__(type(module).__module__, fromlist=["eager_attention_forward"]),
-                     "eager_attention_forward", None) or sdpa_attention_forward
+    if base == "eager":  # each modeling file defines its own eager function
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", sdpa_attention_forward)
     else:
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(base, sdpa_attention_forward)
     return fn(module, query, key, value, *args, **kwargs)
 
 
 def attention_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Self-attention modules (those holding k_proj / qkv_proj and a layer index)."""
+    """Attention modules: an "Attention" class with a layer index and a config (how transformers
+    models' self-attention modules look), with their full names."""
     root = model.get_submodule(prefix) if prefix else model
     for name, m in root.named_modules():
         if "attention" in type(m).__name__.lower() and hasattr(m, "layer_idx") and hasattr(m, "config"):
@@ -88,6 +89,8 @@ def route(model: nn.Module) -> None:
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
+    # every module's own implementation first: modules share a config, so switching as we go
+    # would hide it from the next one
     for _, m in attention_modules(model):
         if m.config._attn_implementation != IMPLEMENTATION:
             m._signround_base = m.config._attn_implementation or "sdpa"

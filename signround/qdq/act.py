@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..schemes import QuantSpec
+from .common import round_ste
 from .elements import E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, ELEMENT_EMAX, ELEMENT_MAX, round_e4m3, round_element
 from .fp import E8M0_BIAS
 
@@ -43,9 +44,7 @@ def qdq_act(x: torch.Tensor, spec: QuantSpec, amax: Optional[torch.Tensor] = Non
         return (round_e4m3(xf / scale) * scale).to(x.dtype)
     if kind == "int":  # symmetric int8 per token: scale = amax / 127
         scale = (xf.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(_TINY)
-        q = xf / scale
-        q = q + (q.detach().round().clamp(-128, 127) - q.detach())
-        return (q * scale).to(x.dtype)
+        return (torch.clamp(round_ste(xf / scale), -128, 127) * scale).to(x.dtype)
     xg, k = _grouped(xf, spec.act_group_size)
     gmax = xg.detach().abs().amax(-1, keepdim=True)
     if kind == "mx_fp":

@@ -47,7 +47,7 @@ def qdq_int(
         neg = -wmin
         # Larger-magnitude extreme -> -half; ties go to the max, as upstream AutoRound does.
         max_v = torch.where(wmax < neg, neg, -wmax)
-        scale = to_scale_dtype(max_v / half, getattr(torch, spec.scale_dtype))
+        scale = to_scale_dtype(max_v / half, spec.scale_torch_dtype)
         scale = torch.where(
             scale < 0,
             torch.clamp(scale, max=-MIN_SCALE_MAGNITUDE),
@@ -62,7 +62,7 @@ def qdq_int(
         codes = q.detach() + half
     else:
         maxq = 2**bits - 1
-        scale = to_scale_dtype(torch.clamp((wmax - wmin) / maxq, min=MIN_SCALE_MAGNITUDE), getattr(torch, spec.scale_dtype))
+        scale = to_scale_dtype(torch.clamp((wmax - wmin) / maxq, min=MIN_SCALE_MAGNITUDE), spec.scale_torch_dtype)
         zero = torch.clamp(round_ste(-wmin / scale), 0, maxq)
         x = wg / scale.unsqueeze(-1)
         if vg is not None:

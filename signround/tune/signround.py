@@ -175,17 +175,9 @@ class TunableLayer(nn.Module):
         for (p, lo, hi), step in zip(self._ranges(), (lr, minmax_lr, minmax_lr)):
             g = self._signs.pop(id(p), None)  # backprop_shared(sign_only=True) kept only the sign
             if g is None:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if momentum:
-                    buf = self._momentum.get(id(p))
-                    g = self._momentum[id(p)] = g if buf is None else buf.mul_(momentum).add_(g)
-                    g = g.sign()
-                else:
-                    g = g.sign_()
-                p.grad = None
-            p.add_(g, alpha=-step).clamp_(lo, hi)
+                g = grad_sign(p, momentum, self._momentum)
+            if g is not None:
+                p.add_(g, alpha=-step).clamp_(lo, hi)
 
     def clamp_(self) -> None:
         """Keep the parameters in their ranges after an optimizer step (--adam)."""
@@ -203,6 +195,23 @@ class TunableLayer(nn.Module):
         attach_act_quant(self.orig, self.spec, self.act_amax)
         qp.input_amax = self.act_amax
         return compact(qp)
+
+
+@torch.no_grad()
+def grad_sign(p: nn.Parameter, momentum: float, buffers: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The sign of ``p``'s gradient (with ``momentum``: of the running sum ``m = momentum * m + grad``
+    kept in ``buffers``), the gradient cleared; None without a gradient."""
+    if p.grad is None:
+        return None
+    g = p.grad
+    if momentum:
+        buf = buffers.get(id(p))
+        g = buffers[id(p)] = g if buf is None else buf.mul_(momentum).add_(g)
+        g = g.sign()
+    else:
+        g = g.sign_()
+    p.grad = None
+    return g
 
 
 class _Offset(nn.Module):
@@ -228,7 +237,6 @@ class TunableOffset(nn.Module):
         self.step = float((self.w0.max() - self.w0.min()).clamp_min(1e-5) / 15)
         self.v = nn.Parameter(torch.zeros_like(self.w0))
         self._momentum: dict[int, torch.Tensor] = {}
-        self.frozen = False
         parametrize.register_parametrization(module, attr, _Offset(self), unsafe=True)
 
     def state(self, zero_v: bool = False) -> list[torch.Tensor | None]:
@@ -244,14 +252,9 @@ class TunableOffset(nn.Module):
 
     @torch.no_grad()
     def signed_step(self, lr: float, minmax_lr: float, momentum: float = 0.0) -> None:
-        if self.v.grad is None:
-            return
-        g = self.v.grad
-        if momentum:
-            buf = self._momentum.get(0)
-            g = self._momentum[0] = g if buf is None else buf.mul_(momentum).add_(g)
-        self.v.add_(g.sign(), alpha=-lr).clamp_(-0.5, 0.5)
-        self.v.grad = None
+        g = grad_sign(self.v, momentum, self._momentum)
+        if g is not None:
+            self.v.add_(g, alpha=-lr).clamp_(-0.5, 0.5)
 
     def clamp_(self) -> None:
         with torch.no_grad():
