@@ -50,6 +50,8 @@ CASES = {
     "FP8_STATIC (auto_round:fp8_static)": dict(scheme="FP8_STATIC"),
     # per-expert tensors, the routers listed as kept (upstream would take them for quantized otherwise)
     "Qwen3-MoE W4 sym g32, every expert (auto_round)": dict(scheme="W4A16", group_size=32, model="qwen3_moe"),
+    # a vision-language model: the language model quantized, the vision tower kept exact
+    "LLaVA W4 sym g32, language model (auto_round)": dict(scheme="W4A16", group_size=32, model="llava"),
 }
 
 # Real-model cases (``--model``): group 64, tuned with optimized RTN.
@@ -63,7 +65,7 @@ MODEL_CASES = {
 UPSTREAM_CHILD = r"""
 import glob, sys, json, torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 ids = load_file(sys.argv[1])["ids"]
 out = {}
 for i, d in enumerate(json.loads(sys.argv[3])):
@@ -72,7 +74,9 @@ for i, d in enumerate(json.loads(sys.argv[3])):
     if method != "auto-round":  # GPTQ / AWQ files go through auto-round's converter
         from transformers import AutoRoundConfig
         kw["quantization_config"] = AutoRoundConfig()
-    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32, **kw)
+    vlm = "vision_config" in json.load(open(d + "/config.json"))
+    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    m = cls.from_pretrained(d, device_map="cpu", dtype=torch.float32, **kw)
     dtype = str(m.dtype).replace("torch.", "")
     fp8 = [(n, x) for n, x in m.named_modules() if type(x).__name__ == "WeightFP8ActFP8StaticQuantLinear"]
     if fp8:  # these layers hold their scales and compute in bfloat16 whatever the model's dtype
@@ -92,7 +96,7 @@ save_file(out, sys.argv[2])
 
 
 def build_model(path: Path, arch: str = "llama") -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlavaConfig, Qwen3MoeConfig
 
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -100,9 +104,14 @@ def build_model(path: Path, arch: str = "llama") -> None:
     if arch == "qwen3_moe":
         cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                              head_dim=32, **common)
+    elif arch == "llava":
+        cfg = LlavaConfig(text_config=dict(model_type="llama", intermediate_size=256, **common),
+                          vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+                          image_token_index=255)
     else:
         cfg = LlamaConfig(intermediate_size=256, **common)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = (AutoModelForImageTextToText if arch == "llava" else AutoModelForCausalLM).from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:  # 3-D: fused experts

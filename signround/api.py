@@ -36,6 +36,7 @@ from .export.writer import write_error, write_failure
 from .devices import parse_device_map
 from .model.hub import resolve_model
 from .model.kvcache import parse_fp8
+from .model.vlm import check_vlm_options
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
 from .memory import release_memory
 from .model.source import InMemorySource, WeightSource
@@ -57,7 +58,9 @@ class SelfCheckFailed(SignRoundError):
 class AutoRound:
     """Quantize a causal LM block by block and save it.
 
-    ``model`` is a local model directory or an already-loaded ``PreTrainedModel``. ``scheme`` is a
+    ``model`` is a local model directory or an already-loaded ``PreTrainedModel``; of a vision-language
+    model (detected from its config; ``mllm`` forces it) the language model is quantized, the vision
+    tower and projector kept exact unless ``quant_nontext_module``. ``scheme`` is a
     preset name (``W4A16``, ``W2A16G64``, ...) that ``bits`` / ``group_size`` / ``sym`` override.
     ``layer_config`` maps exact layer names, substrings or regexes to a preset name or a dict of
     overrides (``{"bits": 16}`` keeps a layer in full precision). ``low_cpu_mem_usage`` (default)
@@ -111,6 +114,8 @@ class AutoRound:
         static_attention_dtype: str | None = None,
         recipe: str = "default",
         to_quant_block_names: str | Iterable[str] | None = None,
+        mllm: bool = False,
+        quant_nontext_module: bool = False,
         device_map: str | dict | None = None,
         dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
@@ -173,6 +178,7 @@ class AutoRound:
         if not isinstance(model, nn.Module):  # a Hub id: downloaded, or found in the cache offline
             model = resolve_model(model, revision, platform)
         self._config = load_config(model, trust_remote_code)
+        check_vlm_options(self._config, mllm, quant_nontext_module)  # before calibration data and weights
         self._check_seqlen()
         self.tokenizer = tokenizer
         if self.tokenizer is None and not isinstance(model, nn.Module):
@@ -183,10 +189,11 @@ class AutoRound:
         # 3. model and plan
         self._model, self.tokenizer, self.source_dir, self.source = load_model_and_tokenizer(
             model, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
-            low_cpu_mem_usage=low_cpu_mem_usage,
+            low_cpu_mem_usage=low_cpu_mem_usage, mllm=mllm,
         )
         self.plan: QuantPlan = build_plan(
-            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names
+            self._model, self.spec, layer_config, ignore_layers, quant_lm_head, to_quant_block_names,
+            quant_nontext_module,
         )
         self.plan.static_attention = self.static_attention
         # AutoScheme: the layers it chooses for, their groups and the budget checked now; scoring
@@ -499,9 +506,10 @@ class AutoRound:
                 "--skip_self_check skips the check"
             )
 
-    def _returned_model(self, out: Path, exporters: list) -> nn.Module:
+    def _returned_model(self, out: Path, exporters: list) -> nn.Module | None:
         """The quantized model with real tensors: the in-memory one (released weights restored), or
-        for a streamed run the first format's files loaded back."""
+        for a streamed run the first format's files loaded back (None for a GGUF file transformers
+        cannot read)."""
         if not self.source.streamed:
             return self.model
         from .selfcheck import load_saved
@@ -512,6 +520,13 @@ class AutoRound:
             from .inference.loader import load_quantized
 
             return load_quantized(str(d))
+        if first.name.startswith("gguf:"):
+            from .selfcheck import gguf_unreadable
+
+            why = gguf_unreadable(d)
+            if why is not None:  # no model to return: the file is for llama.cpp
+                logger.warning("no model returned for %s: %s", d, why)
+                return None
         return load_saved(d, first.name)
 
     # -- records ----------------------------------------------------------------------------------

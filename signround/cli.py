@@ -174,6 +174,11 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                    help="do not load the saved files back to compare their logits with the quantized model")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--mllm", action="store_true",
+                   help="load the model as an image-text-to-text model (detected from the config otherwise)")
+    p.add_argument("--quant_nontext_module", action="store_true",
+                   help="also quantize a vision-language model's vision tower and projector (rounded without "
+                        "data; kept exact by default)")
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="(the default here: remote code runs only with --trust_remote_code)")
     p.add_argument("--low_cpu_mem_usage", action="store_true", help="(the default here: weights are streamed)")
@@ -241,6 +246,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", "--device_map", "--devices", dest="device", default=None,
                    help="cpu, cuda, cuda:N or N (default: cuda when available)")
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--mllm", action="store_true",
+                   help="load the model as an image-text-to-text model (detected from the config otherwise)")
+    p.add_argument("--quant_nontext_module", action="store_true",
+                   help="also quantize a vision-language model's vision tower and projector (rounded without "
+                        "data; kept exact by default)")
     p.add_argument("--disable_trust_remote_code", action="store_true", help="(the default here)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     _add_eval_args(p, required=False)
@@ -410,6 +420,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         static_kv_dtype=args.static_kv_dtype,
         static_attention_dtype=args.static_attention_dtype,
         to_quant_block_names=args.to_quant_block_names,
+        mllm=args.mllm,
+        quant_nontext_module=args.quant_nontext_module,
         device_map=args.device_map,
         dtype=args.model_dtype,
         trust_remote_code=args.trust_remote_code,
@@ -431,21 +443,22 @@ def _preflight(args: argparse.Namespace, layer_config: dict | None) -> None:
     """Whole-model runs: the plan and the formats checked on a meta-device skeleton first, so a
     scheme a format cannot hold is named before the weights are loaded."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     from . import export
     from .model.loading import load_config
+    from .model.vlm import auto_class
     from .plan import build_plan
     from .schemes import resolve_scheme
 
     config = load_config(args.model, args.trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        skeleton = auto_class(config, args.mllm).from_config(config, trust_remote_code=args.trust_remote_code)
     spec = resolve_scheme(args.scheme or _default_scheme(args.format), args.bits, args.group_size,
                           False if args.asym else None, data_type=args.data_type, act_bits=args.act_bits,
                           act_data_type=args.act_data_type, act_group_size=args.act_group_size,
                           act_dynamic=args.act_dynamic, scale_dtype=args.scale_dtype)
-    plan = build_plan(skeleton, spec, layer_config, args.ignore_layers, args.quant_lm_head, args.to_quant_block_names)
+    plan = build_plan(skeleton, spec, layer_config, args.ignore_layers, args.quant_lm_head, args.to_quant_block_names,
+                      args.quant_nontext_module)
     export.check_formats(args.format, skeleton, plan, args.output_dir)
 
 

@@ -44,6 +44,9 @@ class QuantPlan:
     # attention tensors given static FP8 scales (--static_kv_dtype: "k", "v"; --static_attention_dtype:
     # "q" too), measured on calibration data and written where the format holds them
     static_attention: tuple[str, ...] = ()
+    # a VLM's vision tower and projector layers (quant_nontext_module): rounded without data, since
+    # text-only calibration never reaches them
+    nontext: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> dict[str, QuantSpec]:
@@ -77,6 +80,7 @@ def build_plan(
     ignore_layers: str | Iterable[str] | None = None,
     quant_lm_head: bool = False,
     to_quant_block_names: str | Iterable[str] | None = None,
+    quant_nontext_module: bool = False,
 ) -> QuantPlan:
     """Resolve every layer's spec and check the weights in memory, before any expensive work (a
     streamed model's are checked from its checkpoint before tuning: ``WeightSource.scan_finite``)."""
@@ -87,7 +91,8 @@ def build_plan(
         raise ConfigError("the selected blocks contain no Linear layers; check to_quant_block_names")
     layer_config = _check_fused_experts(model, blocks, layer_config, names)
     head = lm_head_name(model)
-    candidates = names + ([head] if head else [])
+    nontext = _nontext_layers(model, quant_nontext_module)
+    candidates = names + ([head] if head else []) + nontext
     opt_in = [] if quant_lm_head or not head else [head]
     # routers of MoE blocks stay in full precision unless a layer_config key names them exactly
     opt_in += [n for b in blocks if block_has_experts(get_module(model, b)) for n in block_layers[b] if is_router(n)]
@@ -123,7 +128,21 @@ def build_plan(
             head,
         )
     routers = [f"{b}.{r}" for b in blocks for r in router_modules(get_module(model, b))]
-    return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras, routers)
+    return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras, routers,
+                     nontext=[n for n in nontext if specs[n].quantized])
+
+
+def _nontext_layers(model: nn.Module, quant_nontext_module: bool) -> list[str]:
+    """A VLM's vision and projector Linear layers when they are to be quantized (else none: they
+    are kept exactly as the checkpoint has them)."""
+    from .model.vlm import nontext_linear_names, nontext_module_names
+
+    if not quant_nontext_module:
+        return []
+    if not nontext_module_names(model):
+        raise ConfigError("quant_nontext_module: this model has no vision tower or projector (not an image-text "
+                          "model); drop the option")
+    return nontext_linear_names(model)
 
 
 def _check_fused_experts(model: nn.Module, blocks: list[str], layer_config: Mapping[str, Any] | None,

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-_VLM = "vision-language models are not supported yet"
+_VLM = ("image-text calibration data is not offered: vision-language models calibrate their language model on "
+        "text (--dataset); the vision tower is kept exact, or rounded without data with --quant_nontext_module")
 _DIFFUSION = "signround quantizes causal language models; diffusion models are not supported"
 _DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_K_M)"
 
@@ -11,13 +12,11 @@ _DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_
 SHARED = {
     "super_bits": _DOUBLE_QUANT,
     "super_group_size": _DOUBLE_QUANT,
-    "quant_nontext_module": _VLM,
 }
 
 API_ONLY = {**SHARED, "extra_config": "pass the options as keyword arguments"}
 
 CLI_ONLY = {
-    "--mllm": _VLM + "; quantize the language model's checkpoint",
     "--extra_data_dir": _VLM,
     "--template": _VLM,
     **{f"--{name}": _DIFFUSION for name in ("prompt_file", "prompt", "metrics", "image_save_dir", "guidance_scale",

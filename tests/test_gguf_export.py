@@ -1,5 +1,8 @@
 """GGUF export: files that transformers loads (gguf_file=) with the logits of our qdq model."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -189,11 +192,67 @@ def test_packed_formats_refuse_k_quants_naming_gguf(stories_dir, tmp_path):
     assert ar.result is None and not (tmp_path / "o").exists()
 
 
-def test_vision_language_gemma3_is_refused_naming_the_text_model():
+def test_vision_language_gemma3_is_refused_naming_the_formats_that_hold_it():
     from types import SimpleNamespace
 
     from signround.export.gguf.mapping import family_of
 
-    with pytest.raises(ExportError, match="Gemma3ForCausalLM"):
-        family_of(SimpleNamespace(model_type="gemma3"))
+    with pytest.raises(ExportError, match="vision-language 'gemma3'.*auto_round or llm_compressor"):
+        family_of(SimpleNamespace(model_type="gemma3", vision_config={}))
     assert family_of(SimpleNamespace(model_type="gemma3_text")).arch == "gemma3"
+
+
+def _gguf_tensors(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(str(path)).tensors}
+
+
+def _expert_weight(model, layer: int, expert: int, proj: str) -> torch.Tensor:
+    return getattr(model.model.layers[layer].mlp.experts[expert], proj).weight.detach().float()
+
+
+@pytest.mark.parametrize("family,projs", [("qwen3_moe", ("gate_proj", "up_proj", "down_proj")), ("mixtral", ("w1", "w3", "w2"))])
+def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path_factory, stories_dir, tmp_path):
+    """Every expert of a layer in one [experts, out, in] tensor per projection (ffn_gate/up/down_exps),
+    in expert order, with the mix's block type (8 experts: attn_v/attn_k q8_0, attn_output q5_k, as
+    llama-quant.cpp gives an 8-expert model), the router in float32. Qwen3-MoE loads in transformers
+    with our logits; Mixtral's llama-architecture file is checked block by block against the model."""
+    from gguf.quants import dequantize
+
+    src = wide_model(tmp_path_factory.mktemp(family), stories_dir, False, family)
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    (f,) = out.glob("*.gguf")
+    tensors = _gguf_tensors(f)
+    assert not any(".experts." in n or "ffn_gate." in n for n in tensors)
+    types = {n.rsplit(".", 1)[0]: t.tensor_type.name for n, t in tensors.items()}
+    # use_more_bits picks layers 0, 3, 6, 7 of 8 for ffn_down under q4_k_m
+    assert types["blk.0.ffn_down_exps"] == "Q6_K" and types["blk.1.ffn_down_exps"] == "Q4_K"
+    assert types["blk.1.ffn_gate_exps"] == types["blk.1.ffn_up_exps"] == "Q4_K"
+    assert types["blk.2.attn_v"] == types["blk.2.attn_k"] == "Q8_0" and types["blk.2.attn_output"] == "Q5_K"
+    assert types["blk.0.ffn_gate_inp"] == "F32"
+    for layer in (0, 5):
+        for proj, stacked in zip(projs, ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
+            t = tensors[f"blk.{layer}.{stacked}.weight"]
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            assert w.shape == (8, *_expert_weight(model, layer, 0, proj).shape)
+            for e in (0, 3, 7):  # each slot holds that expert's quantized weight
+                torch.testing.assert_close(w[e], _expert_weight(model, layer, e, proj), rtol=0, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())["self_check"][0]
+    if family == "qwen3_moe":
+        assert report["status"] == "passed"
+        # transformers' reader, with its unread expert size filled in (what the self-check loads)
+        from signround.selfcheck import load_saved
+
+        assert torch.allclose(_logits(load_saved(out, "gguf:q4_k_m")), _logits(model), atol=1e-5, rtol=1e-5)
+    else:
+        assert report["status"] == "skipped" and "llama.cpp" in report["reason"]
+
+
+def test_moe_gguf_refuses_what_llama_cpp_computes_differently(tiny_model_dir, tmp_path):
+    # tiny_models' Qwen3-MoE keeps transformers' default norm_topk_prob=False: llama.cpp renormalizes
+    ar = AutoRound(str(tiny_model_dir("qwen3_moe")), scheme="GGUF:Q4_0", iters=0, disable_opt_rtn=True)
+    with pytest.raises(ExportError, match="norm_topk_prob.*auto_round"):
+        ar.quantize_and_save(tmp_path / "o", format="gguf:q4_0")
+    assert not (tmp_path / "o").exists()

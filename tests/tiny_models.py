@@ -72,7 +72,11 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
 
 
 WIDE_FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                 "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}
+                 "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig",
+                 "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}
+# MoE families: 8 experts of 256 (k-quant rows), top-2 routing renormalized as llama.cpp computes it
+WIDE_MOE = {"qwen3_moe": dict(moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+            "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2)}
 
 
 def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama", std: float = 0.05,
@@ -92,12 +96,13 @@ def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, **COMMON)
     if family == "gemma3":  # head_dim 256 = query_pre_attn_scalar as released; a window shorter than the text
         kw.update(head_dim=256, num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    kw.update(WIDE_MOE.get(family, {}))
     cfg = getattr(transformers, WIDE_FAMILIES[family])(**kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3-D: fused experts
                 p.normal_(0, std)
             elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
                 p.normal_(0, std)  # q/k/v biases
@@ -107,4 +112,107 @@ def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama
     for f in tokenizer_dir.iterdir():
         if "token" in f.name:
             shutil.copy(f, out / f.name)
+    return out
+
+
+# Vision-language models: a tiny language model (stories260K's tokenizer plus the image tokens) beside a
+# tiny vision tower; 28x28 images in 14-pixel patches.
+VLM_ARCHS = ["llava", "qwen2_vl", "gemma3_vlm"]
+_TEXT = dict(vocab_size=520, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, **COMMON)
+IMAGE_TOKENS = {"llava": ["<image>"], "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                "gemma3_vlm": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]}
+
+
+def _vlm_config(arch: str, ids: dict[str, int]):
+    import transformers as t
+
+    if arch == "llava":
+        return t.LlavaConfig(
+            text_config=dict(model_type="llama", **_TEXT),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+            image_token_index=ids["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-2)
+    if arch == "qwen2_vl":
+        return t.Qwen2VLConfig(
+            text_config=dict(**_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **COMMON)
+    if arch == "gemma3_vlm":
+        return t.Gemma3Config(
+            text_config=dict(head_dim=16, sliding_window=16, **_TEXT),
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"], **COMMON)
+    raise KeyError(arch)
+
+
+def _vlm_processor(arch: str, tokenizer):
+    import transformers as t
+
+    if arch == "llava":
+        return t.LlavaProcessor(
+            image_processor=t.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+            tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return None
+
+
+def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random VLM of ``arch`` saved with its tokenizer (and processor, where transformers
+    builds one offline), vision tower weights random too."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS[arch]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS[arch]}
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(_vlm_config(arch, ids))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(out_dir)
+    (_vlm_processor(arch, tok) or tok).save_pretrained(str(out_dir))
+    if arch != "llava":  # the image processor alone (their processors want video processors too)
+        image_processor(arch).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def image_processor(arch: str):
+    import transformers as t
+
+    if arch == "llava":
+        return t.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    if arch == "qwen2_vl":
+        return t.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28, patch_size=14, merge_size=2,
+                                       temporal_patch_size=2)
+    return t.Gemma3ImageProcessor(size={"height": 28, "width": 28})
+
+
+def image_inputs(arch: str, model_dir: Path, seed: int = 0) -> dict:
+    """A random 28x28 image and a prompt holding its image tokens, as the model's forward takes them."""
+    import json
+
+    import numpy as np
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    pix = image_processor(arch)(images=[img], return_tensors="pt")
+    text = [5, 6, 7]
+    if arch == "llava":
+        ids = [1, *[cfg["image_token_index"]] * 4, *text]
+    elif arch == "qwen2_vl":
+        ids = [1, cfg["vision_start_token_id"], cfg["image_token_id"], cfg["vision_end_token_id"], *text]
+    else:
+        ids = [1, cfg["boi_token_index"], *[cfg["image_token_index"]] * 4, cfg["eoi_token_index"], *text]
+    out = {"input_ids": torch.tensor([ids]), **pix}
+    if arch == "qwen2_vl":  # which positions hold image tokens (M-RoPE), as its processor returns it
+        out["mm_token_type_ids"] = (out["input_ids"] == cfg["image_token_id"]).long()
+    if arch == "gemma3_vlm":
+        out["token_type_ids"] = (out["input_ids"] == cfg["image_token_index"]).long()
     return out

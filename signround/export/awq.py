@@ -9,7 +9,8 @@ from torch import nn
 from ..errors import ExportError
 from ..model.layers import get_module, in_out_features
 from ..plan import QuantPlan
-from .base import PackedExporter
+from ..model.vlm import nontext_module_names
+from .base import PackedExporter, refuse_nontext
 
 
 class AutoAWQExporter(PackedExporter):
@@ -21,6 +22,7 @@ class AutoAWQExporter(PackedExporter):
 
     def check(self, plan: QuantPlan, model) -> None:
         super().check(plan, model)
+        refuse_nontext(self.name, plan)
         q = plan.quantized
         alt = "use --format auto_round (any bits and mixes) or auto_gptq"
         for name, spec in q.items():
@@ -46,6 +48,8 @@ class AutoAWQExporter(PackedExporter):
         not_converted = [n for n in plan.specs if n in inside and not plan.specs[n].quantized]
         if plan.lm_head:
             not_converted.append(plan.lm_head)
+        if model is not None:  # a VLM's vision tower and projector (loaders match names as substrings)
+            not_converted += nontext_module_names(model)
         return {
             "quant_method": "awq",
             "bits": 4,

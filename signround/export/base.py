@@ -87,3 +87,13 @@ def quantized_params(qparams: dict[str, QParams], layer: str, weight: torch.Tens
     if tuple(qp.shape) not in (tuple(weight.shape), tuple(weight.shape)[::-1]):
         raise ExportError(f"QParams of {layer} {tuple(qp.shape)} do not match its weight shape {tuple(weight.shape)}")
     return qp
+
+
+def refuse_nontext(format_name: str, plan: QuantPlan) -> None:
+    """Formats whose loaders convert only the decoder blocks' layers cannot hold a quantized vision tower."""
+    if plan.nontext:
+        raise ExportError(
+            f"{format_name} loaders quantize the language model's blocks only, so they cannot hold the quantized "
+            f"vision tower / projector ({plan.nontext[0]}, ...) that --quant_nontext_module asks for; use --format "
+            "auto_round or llm_compressor, or drop --quant_nontext_module"
+        )

@@ -16,7 +16,8 @@ from ..errors import ExportError
 from ..plan import QuantPlan
 from ..qdq import QParams
 from ..qdq.common import effective_group_size
-from .base import PackedExporter
+from .auto_round import block_name_to_quantize
+from .base import PackedExporter, refuse_nontext
 
 
 class AutoGPTQExporter(PackedExporter):
@@ -28,6 +29,7 @@ class AutoGPTQExporter(PackedExporter):
 
     def check(self, plan: QuantPlan, model) -> None:
         super().check(plan, model)
+        refuse_nontext(self.name, plan)
         for name, spec in plan.quantized.items():
             if not spec.sym:
                 raise ExportError(
@@ -54,6 +56,8 @@ class AutoGPTQExporter(PackedExporter):
             "damp_percent": 0.01,
             # no "meta" entry: transformers' GPTQ->auto-round converter takes it as the GPTQModel v2 layout
             "checkpoint_format": "gptq",
+            # where GPTQ loaders look for layers to convert (a VLM's vision tower is not among them)
+            "block_name_to_quantize": block_name_to_quantize(plan.block_names),
         }
         inside = {n for names in plan.block_layers.values() for n in names}
         dynamic: dict[str, dict[str, Any]] = {}

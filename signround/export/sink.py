@@ -114,26 +114,32 @@ class ExportSink:
 
 
 def config_names(qc: dict[str, Any], namer: Callable[[str], str]) -> dict[str, Any]:
-    """The layer names inside a quantization_config as the checkpoint names them: auto_round's
-    ``extra_config`` keys, AWQ's ``modules_to_not_convert``, compressed-tensors' ``ignore`` and
-    group ``targets``, GPTQ's ``dynamic`` regexes (``+:^escaped name$``)."""
+    """The layer names inside a quantization_config as the checkpoint names them, and as the model's
+    modules are named where that differs: auto_round's ``extra_config`` keys, AWQ's
+    ``modules_to_not_convert``, compressed-tensors' ``ignore`` and group ``targets``, GPTQ's
+    ``dynamic`` regexes (``+:^escaped name$``). Loaders match them against different names: vLLM
+    against the checkpoint's (Mixtral's ``block_sparse_moe``, LLaVA's ``language_model.model``) or
+    through its own mapper, transformers against its modules (``model.language_model``)."""
+    def both(name: str) -> list[str]:
+        return list(dict.fromkeys((namer(name), name)))
+
     out = dict(qc)
     if isinstance(out.get("extra_config"), dict):
-        out["extra_config"] = {namer(k): v for k, v in out["extra_config"].items()}
+        out["extra_config"] = {k2: v for k, v in out["extra_config"].items() for k2 in both(k)}
     for key in ("modules_to_not_convert", "ignore"):
         if isinstance(out.get(key), list):
-            out[key] = [namer(n) for n in out[key]]
+            out[key] = [n2 for n in out[key] for n2 in both(n)]
     if isinstance(out.get("config_groups"), dict):
-        out["config_groups"] = {g: {**v, "targets": [t if t == "Linear" else namer(t) for t in v["targets"]]}
+        out["config_groups"] = {g: {**v, "targets": [t2 for t in v["targets"] for t2 in ([t] if t == "Linear" else both(t))]}
                                 for g, v in out["config_groups"].items()}
     if isinstance(out.get("dynamic"), dict):
-        def regex(key: str) -> str:
+        def regexes(key: str) -> list[str]:
             m = re.fullmatch(r"([+-]:)\^(.*)\$", key)
             if not m:
-                return key
-            return m.group(1) + "^" + re.escape(namer(re.sub(r"\\(.)", r"\1", m.group(2)))) + "$"
+                return [key]
+            return [m.group(1) + "^" + re.escape(n) + "$" for n in both(re.sub(r"\\(.)", r"\1", m.group(2)))]
 
-        out["dynamic"] = {regex(k): v for k, v in out["dynamic"].items()}
+        out["dynamic"] = {k2: v for k, v in out["dynamic"].items() for k2 in regexes(k)}
     return out
 
 

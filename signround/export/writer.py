@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from ..errors import ExportError
+from ..model.vlm import PROCESSOR_FILES
 
 logger = logging.getLogger(__name__)
 
-# Files a tokenizer may need that save_pretrained does not always regenerate.
-_TOKENIZER_FILES = ("tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Files a tokenizer or a VLM's processor may need that the tokenizer's save_pretrained does not write.
+_TOKENIZER_FILES = ("tokenizer.model", *PROCESSOR_FILES)
 
 
 def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> Path:

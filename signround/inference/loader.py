@@ -133,7 +133,9 @@ def _empty_model(p: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module,
     """The architecture of ``p`` with weights on the meta device, and the dtype it will compute in
     (``dtype``, or chosen for ``device``: see :func:`signround.devices.default_compute_dtype`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..model.vlm import auto_class
 
     config = AutoConfig.from_pretrained(str(p))
     if hasattr(config, "quantization_config"):
@@ -143,7 +145,7 @@ def _empty_model(p: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module,
         stored = getattr(torch, stored)
     dtype = resolve_compute_dtype(device, stored, dtype)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class(config).from_config(config, dtype=dtype)
     unfuse_experts(model)  # experts are stored per expert, as signround quantized them
     return model, dtype
 

@@ -59,7 +59,7 @@ def find_block_names(model: nn.Module, to_quant_block_names: str | Iterable[str]
     """Names of the decoder blocks, in order (e.g. ``model.layers.0`` ... ``model.layers.N``).
 
     Found automatically as the ModuleList of blocks that contain Linear/Conv1D layers (preferring the
-    one whose length is the config's ``num_hidden_layers``); ``to_quant_block_names`` overrides it with
+    one whose length is the config's ``num_hidden_layers``; a VLM's are its language model's); ``to_quant_block_names`` overrides it with
     ModuleList names (their children become blocks) or individual block names, comma-separated or a list.
     """
     modules = dict(model.named_modules())
@@ -84,6 +84,11 @@ def find_block_names(model: nn.Module, to_quant_block_names: str | Iterable[str]
         return blocks
 
     candidates = _candidate_lists(model)
+    from .vlm import text_model_name
+
+    text = text_model_name(model)
+    if text is not None:  # a VLM: the language model's blocks (the vision tower's are not calibrated on text)
+        candidates = [c for c in candidates if c.startswith(text + ".")]
     if not candidates:
         raise ConfigError(
             "could not find the decoder blocks of this model (no ModuleList of layers containing "

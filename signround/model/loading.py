@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import ModelError
 from .moe import unfuse_experts
 from .source import InMemorySource, SafetensorsSource, StreamingUnsupported, WeightSource
+from .vlm import auto_class
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
     low_cpu_mem_usage: bool = False,
+    mllm: bool = False,
 ) -> tuple[nn.Module, Any, str | None, WeightSource]:
     """Return (model, tokenizer, source directory or None, weight source)."""
     if isinstance(model, nn.Module):
@@ -66,25 +68,26 @@ def load_model_and_tokenizer(
     path = check_model_path(str(model))
     if tokenizer is None:
         tokenizer = load_tokenizer(path, trust_remote_code)
-    loaded, source = load_model(path, dtype, trust_remote_code, low_cpu_mem_usage)
+    loaded, source = load_model(path, dtype, trust_remote_code, low_cpu_mem_usage, mllm)
     return loaded, tokenizer, str(path), source
 
 
 def load_model(path: Path, dtype: Any = "auto", trust_remote_code: bool = False,
-               low_cpu_mem_usage: bool = False) -> tuple[nn.Module, WeightSource]:
+               low_cpu_mem_usage: bool = False, mllm: bool = False) -> tuple[nn.Module, WeightSource]:
     """The model of a checked directory, and where its weights come from.
 
     ``low_cpu_mem_usage``: build the model on the meta device and stream its tensors from the
     safetensors shards block by block (falls back to a whole load, logged, when the checkpoint's
     names need transformers' own conversion). The model is loaded on the CPU either way: blocks
-    go to the tuning devices one at a time.
+    go to the tuning devices one at a time. Vision-language models (or ``mllm``) are built as
+    image-text-to-text models.
     """
     source: WeightSource = InMemorySource()
     loaded = None
     if low_cpu_mem_usage:
-        loaded, source = _skeleton(path, dtype, trust_remote_code)
+        loaded, source = _skeleton(path, dtype, trust_remote_code, mllm)
     if loaded is None:
-        loaded = _whole(path, dtype, trust_remote_code)
+        loaded = _whole(path, dtype, trust_remote_code, mllm)
         unfuse_experts(loaded)
     loaded.eval()
     return loaded, source
@@ -115,13 +118,12 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
         return None
 
 
-def _whole(path: Path, dtype: Any, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def _whole(path: Path, dtype: Any, trust_remote_code: bool, mllm: bool = False) -> nn.Module:
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        config = load_config(str(path), trust_remote_code)
+        return auto_class(config, mllm).from_pretrained(str(path), **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"{path} needs custom code; pass --trust_remote_code if you trust its author") from e
@@ -148,16 +150,16 @@ def skeleton_dtype(config: Any, path: Path, dtype: Any) -> torch.dtype:
     return torch.float32
 
 
-def _skeleton(path: Path, dtype: Any, trust_remote_code: bool) -> tuple[nn.Module | None, WeightSource]:
+def _skeleton(path: Path, dtype: Any, trust_remote_code: bool, mllm: bool = False) -> tuple[nn.Module | None, WeightSource]:
     """The model on the meta device with a streaming source, or (None, in-memory) when the
     checkpoint does not map one to one onto it."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(
+            model = auto_class(config, mllm).from_config(
                 config, dtype=skeleton_dtype(config, path, dtype), trust_remote_code=trust_remote_code
             )
     except ValueError as e:

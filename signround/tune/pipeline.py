@@ -421,7 +421,7 @@ def quantize_model(
         source.materialize_outside(model, blocks)
     for name in plan.outside_blocks():
         t0 = time.time()
-        if not calibrated:
+        if not calibrated or name in plan.nontext:  # text calibration never reaches a vision tower
             with torch.no_grad():
                 result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
             continue

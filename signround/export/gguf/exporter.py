@@ -26,7 +26,7 @@ from ...model.layers import tied_lm_head
 from ...schemes import GGML_SPECS, GGUF_FTYPES
 from ..writer import canonical_entries
 from .blocks import pack_blocks
-from .mapping import family_of, gguf_name, hyperparameters, permute_rows, qk_heads
+from .mapping import expert_slot, family_of, gguf_name, hyperparameters, n_experts, permute_rows, qk_heads
 from .tokenizer import vocab_metadata
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,20 @@ class GGUFExporter:
                 f"{(plan.ggml_ftype or plan.default.label()).upper()}{' (' + ', '.join(bad[:3]) + ')' if bad else ''}: "
                 f"quantize with --scheme GGUF:{self.ftype.upper()}"
             )
+        stacked: dict[str, set] = {}
         for name, _ in canonical_entries(model):  # names only: meta (streamed, released) weights pass
-            if gguf_name(fam, name) is None:
+            target = gguf_name(fam, name)
+            if target is None:
                 raise ExportError(f"{name} has no GGUF tensor name in the {fam.arch} table")
+            if expert_slot(name) is not None:
+                spec = plan.specs.get(name.rsplit(".", 1)[0])
+                stacked.setdefault(target, set()).add(spec.ggml_type if spec is not None and spec.quantized else None)
+        mixed = [t for t, types in stacked.items() if len(types) > 1]
+        if mixed:
+            raise ExportError(
+                f"{mixed[0]} stacks every expert of a layer in one tensor of one block type, but the layer_config gives "
+                "its experts different types; give every expert of a projection the same setting"
+            )
 
     def estimate_bytes(self, model: nn.Module, plan: QuantPlan) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -111,6 +122,10 @@ class GGUFFile:
         self.tied = tied_lm_head(model)
         self.types = {n: s.ggml_type for n, s in {**plan.quantized, **plan.ggml_extras}.items()}
         self.spill = d / ".gguf-tensors.data"
+        self.n_experts = n_experts(self.config)
+        # a layer's experts, gathered until the last one arrives and written as one stacked tensor
+        # (they arrive within one block, so a block boundary, where resume state is saved, has none)
+        self.pending: dict[str, dict[int, tuple[np.ndarray, Any]]] = {}
         self.entries: list[list] = state["entries"] if state else []
         self.length: int = state["length"] if state else 0
         if self.spill.exists():
@@ -137,7 +152,8 @@ class GGUFFile:
         else:
             if t.is_meta:
                 raise ExportError(f"{name} has no values (meta tensor); load the model fully before saving")
-            half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16)
+            # routers in float32, as llama.cpp's converter keeps them
+            half = t.dim() > 1 and t.dtype in (torch.float16, torch.bfloat16) and "ffn_gate_inp" not in target
             data = t.detach().to(torch.float16 if half else torch.float32)
             if self.fam.norm_shift and target.endswith("norm.weight"):
                 data = data + self.fam.norm_shift
@@ -145,6 +161,18 @@ class GGUFFile:
         if heads:
             data = permute_rows(data, heads)
         arr = data.contiguous().cpu().numpy()
+        e = expert_slot(name)
+        if e is not None:
+            experts = self.pending.setdefault(target, {})
+            experts[e] = (arr, dtype)
+            if len(experts) < self.n_experts:
+                return
+            del self.pending[target]
+            arr = np.stack([experts[i][0] for i in range(self.n_experts)])
+        self._write(target, arr, dtype)
+
+    def _write(self, target: str, arr: np.ndarray, dtype: Any) -> None:
+        qt = _gguf().GGMLQuantizationType
         with open(self.spill, "ab") as f:
             arr.tofile(f)
         raw = None if dtype in (qt.F16, qt.F32) else int(dtype)

@@ -25,6 +25,9 @@ class Family:
     # HF name (with {i} for the block index) -> GGUF name
     tensors: dict[str, str] = field(default_factory=dict)
     norm_shift: float = 0.0  # added to every "*norm.weight" tensor
+    # MoE: the per-expert Linear's name -> the stacked tensor holding every expert of a layer
+    # (``blk.{i}.ffn_gate_exps.weight``: torch shape [experts, out, in], as llama.cpp reads it)
+    experts: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA_TENSORS = {
@@ -67,6 +70,11 @@ _GEMMA3_TENSORS = {
     "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
 }
 
+# MoE blocks: attention as in the dense tables; the router (kept in float32, as llama.cpp's converter
+# keeps it) and the experts stacked per projection
+_ROUTER = {"model.layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}
+_STACKED = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
     "mistral": Family("llama", True, _LLAMA_TENSORS),
@@ -74,15 +82,34 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", False, {**_LLAMA_TENSORS, **_QK_NORM}),
     "phi3": Family("phi3", False, _PHI3_TENSORS),
     "gemma3_text": Family("gemma3", False, _GEMMA3_TENSORS, norm_shift=1.0),
+    "qwen3_moe": Family("qwen3moe", False, {**_LLAMA_TENSORS, **_QK_NORM, **_ROUTER}, experts=_STACKED),
+    # Mixtral is llama.cpp's llama architecture with experts (w1 gate, w3 up, w2 down)
+    "mixtral": Family("llama", True, {**_LLAMA_TENSORS, **_ROUTER},
+                      experts={"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}),
 }
+
+_EXPERT = re.compile(r".*\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def expert_slot(hf_name: str) -> int | None:
+    """The expert index of a per-expert weight (``...mlp.experts.7.down_proj.weight`` -> 7), else None."""
+    m = _EXPERT.fullmatch(hf_name)
+    return int(m.group(2)) if m else None
+
+
+def n_experts(config: Any) -> int:
+    return int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0)
 
 
 def family_of(config: Any) -> Family:
     fam = FAMILIES.get(getattr(config, "model_type", None))
-    if getattr(config, "model_type", None) == "gemma3":
+    from ...model.vlm import is_multimodal
+
+    if is_multimodal(config):
         raise ExportError(
-            "GGUF export of Gemma3 covers the text model (Gemma3ForCausalLM, model_type gemma3_text); this is the "
-            "vision-language Gemma3ForConditionalGeneration: use --format auto_round or llm_compressor"
+            f"GGUF export covers language models; this is the vision-language {getattr(config, 'model_type', '?')!r} "
+            "(llama.cpp keeps a vision tower in a separate mmproj file, which signround does not write): use "
+            "--format auto_round or llm_compressor"
         )
     if fam is None:
         raise ExportError(
@@ -93,7 +120,12 @@ def family_of(config: Any) -> Family:
 
 
 def gguf_name(fam: Family, hf_name: str) -> str | None:
-    """The GGUF tensor name of a Hugging Face parameter name, or None when the family has none."""
+    """The GGUF tensor name of a Hugging Face parameter name, or None when the family has none
+    (every expert of a layer maps to the layer's stacked tensor)."""
+    e = _EXPERT.fullmatch(hf_name)
+    if e is not None:
+        stacked = fam.experts.get(e.group(3))
+        return None if stacked is None else f"blk.{e.group(1)}.{stacked}.weight"
     m = re.match(r"(.*\.layers\.)(\d+)(\..*)", hf_name)
     key, idx = (m.group(1) + "{i}" + m.group(3), m.group(2)) if m else (hf_name, None)
     target = fam.tensors.get(key)
@@ -147,6 +179,20 @@ def _gemma3(config: Any, head_dim: int, swa_rope: dict | None) -> list[tuple[str
     return kv
 
 
+def _moe(fam: Family, config: Any) -> list[tuple[str, Any]]:
+    # llama.cpp renormalizes the top-k routing weights of these architectures (softmax gating)
+    if getattr(config, "norm_topk_prob", True) is False:
+        raise ExportError("this MoE config does not renormalize its top-k routing weights (norm_topk_prob=false), "
+                          "but llama.cpp's graph for it does; use --format auto_round")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ExportError("this MoE config has dense MLP layers between its MoE layers, which llama.cpp's "
+                          f"{fam.arch} graph does not build; use --format auto_round")
+    kv = [("add_expert_count", n_experts(config)), ("add_expert_used_count", int(config.num_experts_per_tok))]
+    if getattr(config, "moe_intermediate_size", None):
+        kv.append(("add_expert_feed_forward_length", int(config.moe_intermediate_size)))
+    return kv
+
+
 def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
     """(GGUFWriter method name, value) pairs of the architecture's metadata."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -163,12 +209,14 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
     ]
-    if fam.arch in ("qwen3", "gemma3") or head_dim * config.num_attention_heads != config.hidden_size:
+    if fam.arch in ("qwen3", "qwen3moe", "gemma3") or head_dim * config.num_attention_heads != config.hidden_size:
         kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
     if fam.arch == "phi3" and getattr(config, "sliding_window", None):
         kv.append(("add_sliding_window", config.sliding_window))
     if fam.arch == "gemma3":
         kv += _gemma3(config, head_dim, swa_rope)
+    if fam.experts:
+        kv += _moe(fam, config)
     scaling = rope.get("rope_type", "default")
     if scaling == "linear":
         from gguf import RopeScalingType  # the gguf extra, present whenever a GGUF is written

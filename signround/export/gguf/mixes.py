@@ -1,13 +1,16 @@
 """llama.cpp's per-tensor type choice for a file type (its "mix"), so our GGUF files hold the same
 block types, tensor by tensor, as ``llama-quantize`` writes for the same file type.
 
-The rules follow llama.cpp's ``llama_tensor_get_type`` for dense models (no experts, not Falcon):
+The rules follow llama.cpp's ``llama_tensor_get_type`` (not Falcon):
 
 * the output matrix, and the token embedding when it is tied to the output, get q6_k (q8_0 when
   the row does not split into 256-blocks, or for the q8_0 file type);
 * an untied token embedding gets the file type's block type;
 * the _S/_M/_L mixes give more bits to attn_v, ffn_down, attn_output and fused attn_qkv in the
   layers ``use_more_bits`` picks (the first and last eighth and every third in between);
+* stacked expert tensors follow their role's rule (``ffn_down_exps`` is an ``ffn_down``); with exactly
+  8 experts (Mixtral's shape) attn_v and attn_k get q8_0 and attn_output q5_k in the q2_k..q4_k_m
+  mixes instead of the dense rules;
 * a row length a 256-block type does not divide falls back to a 32-block type
   (q2_k, q3_k -> q4_0; q4_k -> q5_0; q5_k -> q5_1; q6_k -> q8_0), and one no 32-block type divides
   stays in floating point.
@@ -25,7 +28,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...model.layers import get_module, get_weight, tied_lm_head
 from ...schemes import FP_BITS, GGML_SPECS, GGUF_FTYPES, QuantSpec
-from .mapping import family_of, gguf_name
+from .mapping import family_of, gguf_name, n_experts
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +40,14 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _mixed(ftype: str, role: str, i: int, n: int, n_gqa: int) -> str | None:
+def _mixed(ftype: str, role: str, i: int, n: int, n_gqa: int, n_expert: int = 0) -> str | None:
     """The block type a mix gives a block tensor of this role in layer ``i`` of ``n``, or None for
     the file type's own block type."""
+    role = role.removesuffix("_exps")
+    if n_expert == 8 and role in ("attn_v", "attn_k"):
+        return "q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    if n_expert == 8 and role == "attn_output":
+        return "q5_k" if ftype in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else None
     if role == "attn_v":
         return {
             "q2_k": "q4_k" if n_gqa >= 4 else "q3_k",
@@ -74,7 +82,8 @@ def with_fallback(ggml_type: str, n_cols: int) -> str | None:
     return None if n_cols % BLOCK_SIZE[ggml_type] else ggml_type
 
 
-def tensor_type(ftype: str, gguf_tensor: str, n_cols: int, n_layer: int, n_gqa: int, tied: bool) -> str | None:
+def tensor_type(ftype: str, gguf_tensor: str, n_cols: int, n_layer: int, n_gqa: int, tied: bool,
+                n_expert: int = 0) -> str | None:
     """llama.cpp's block type for one 2-D tensor of a file type; None keeps it in floating point."""
     base = GGUF_FTYPES[ftype]
     if gguf_tensor == "output.weight" or (tied and gguf_tensor == "token_embd.weight"):
@@ -83,7 +92,7 @@ def tensor_type(ftype: str, gguf_tensor: str, n_cols: int, n_layer: int, n_gqa: 
         t = base
     else:
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", gguf_tensor)
-        t = (_mixed(ftype, m.group(2), int(m.group(1)), n_layer, n_gqa) if m else None) or base
+        t = (_mixed(ftype, m.group(2), int(m.group(1)), n_layer, n_gqa, n_expert) if m else None) or base
     return with_fallback(t, n_cols)
 
 
@@ -112,13 +121,14 @@ def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | No
     n_layer = config.num_hidden_layers
     n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     tied = tied_lm_head(model)
+    n_expert = n_experts(config)
     kept = []
     for name, spec in specs.items():
         if not spec.quantized or name == lm_head:
             continue
         n_cols = get_weight(get_module(model, name)).shape[1]
         target = gguf_name(fam, name + ".weight")
-        t = tensor_type(ftype, target or "", n_cols, n_layer, n_gqa, tied)
+        t = tensor_type(ftype, target or "", n_cols, n_layer, n_gqa, tied, n_expert)
         if t is None:
             kept.append(f"{name} ({n_cols} inputs)")
         specs[name] = _spec(t)
