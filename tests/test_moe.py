@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from signround import AutoRound, QuantLinear, load_quantized
-from signround.errors import ConfigError
+from signround.errors import ConfigError, ExportError
 from signround.model.moe import UnfusedExperts, unfuse_experts
 from test_e2e import logits
 from test_streaming import FAST, run_both
@@ -20,7 +20,10 @@ EXPERTS = 8  # tiny_models' MoE configs
 # (name of the MoE module on disk, the checkpoint's gate / up / down names)
 ON_DISK = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
            "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-           "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+           "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+           # fused on disk (gate/up interleaved, biases): split per expert as upstream auto-round splits it
+           "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+ROUTER = {"gpt_oss": "router"}  # the others' is "gate"
 
 
 def ids(n=8, seqlen=32, seed=0):
@@ -63,10 +66,11 @@ def test_every_expert_is_quantized_stored_per_expert_and_loads_back(arch, tiny_m
     for e in range(EXPERTS):
         for proj in (gate, up, down):
             assert f"model.layers.1.{moe}.experts.{e}.{proj}.qweight" in keys
-    assert f"model.layers.0.{moe}.gate.weight" in keys  # the router, in full precision
+    router = ROUTER.get(arch, "gate")
+    assert f"model.layers.0.{moe}.{router}.weight" in keys  # the router, in full precision
     # ... and listed as kept, as upstream lists it (its loader would expect a quantized router otherwise)
     extra = json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"]
-    assert extra[f"model.layers.1.{moe}.gate"] == {"bits": 16, "data_type": "float"}
+    assert extra[f"model.layers.1.{moe}.{router}"] == {"bits": 16, "data_type": "float"}
     assert not any("gate_up_proj" in k for k in keys)
     loaded = load_quantized(str(out))
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == len(ar.plan.quantized)
@@ -189,3 +193,18 @@ def test_mixtral_files_with_generic_expert_names_load(tiny_model_dir, tmp_path):
     assert any(".experts.3.up_proj.qweight" in k for k in file_keys(out))
     loaded = load_quantized(str(out))
     torch.testing.assert_close(logits(loaded, 128), logits(ar.model, 128), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_oss_experts_fused_on_disk_stream_slice_by_slice(tiny_model_dir, tmp_path):
+    """gpt-oss stores its experts fused (gate/up interleaved, with biases): streaming reads each
+    expert's slice of the fused tensors, and the files equal a whole-model run's; every expert is
+    stored per expert with its biases; fake (a plain transformers checkpoint) is refused."""
+    src = tiny_model_dir("gpt_oss")
+    streamed, whole = run_both(src, tmp_path, "auto_round,llm_compressor", scheme="W4A16", group_size=16, iters=2,
+                               dataset=ids(4, 16), **FAST)
+    keys = file_keys(tmp_path / "streamed" / "auto_round")
+    assert "model.layers.1.mlp.experts.7.up_proj.bias" in keys and "model.layers.1.mlp.experts.7.up_proj.qweight" in keys
+    loaded = load_quantized(str(tmp_path / "streamed" / "auto_round"))
+    torch.testing.assert_close(logits(loaded, 128), logits(whole.model, 128), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExportError, match="fake.*auto_round"):
+        AutoRound(str(src), iters=0, disable_opt_rtn=True).quantize_and_save(tmp_path / "f", format="fake")

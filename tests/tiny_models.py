@@ -51,6 +51,10 @@ def _moe_configs():
         "qwen2_moe": lambda: t.Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=48, num_experts=8,
                                               shared_expert_intermediate_size=80, **MOE_COMMON),
         "mixtral": lambda: t.MixtralConfig(intermediate_size=48, num_local_experts=8, **MOE_COMMON),
+        # experts fused on disk too (gate/up interleaved, biases, clamped SwiGLU), alternating attention
+        "gpt_oss": lambda: t.GptOssConfig(intermediate_size=48, num_local_experts=8, head_dim=16, sliding_window=16,
+                                          layer_types=["sliding_attention", "full_attention"],
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **MOE_COMMON),
     }
 
 

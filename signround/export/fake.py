@@ -20,6 +20,15 @@ class FakeExporter:
     description = "qdq weights in the original dtype: an ordinary transformers checkpoint (any scheme)"
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
+        from ..errors import ExportError
+        from ..model.moe import experts_fused_on_disk
+
+        if experts_fused_on_disk(model):
+            raise ExportError(
+                f"fake writes a plain transformers checkpoint, but transformers reads this {model.config.model_type} "
+                "model's experts fused while signround stores them per expert; use --format auto_round (which "
+                "signround's load_quantized and upstream auto-round read)"
+            )
         act = sorted({s.label() for s in plan.quantized.values() if s.act_quantized})
         if act:
             logger.warning(

@@ -9,8 +9,11 @@ a ``ModuleList`` of per-expert MLPs whose projections carry the checkpoint's nam
 (``mlp.experts.7.down_proj``, Mixtral's ``experts.7.w2``) and whose forward is the fused one's.
 
 The layout is read from the model's own conversion mapping, so only layouts transformers itself
-splits per expert are unfused; any other fused experts module (biases, interleaved gate/up, a
-checkpoint that stores them fused) is left alone and :func:`fused_experts_left` names it.
+splits per expert are unfused that way. gpt-oss, whose checkpoints store the experts fused
+(``experts.gate_up_proj`` ``[E, H, 2I]`` with gate and up columns interleaved, biases, a clamped
+SwiGLU), is split into :class:`GptOssExpertMLP` modules named ``experts.7.gate_proj`` /
+``up_proj`` / ``down_proj``, the per-expert layout upstream auto-round writes for it. Any other
+fused experts module is left alone and :func:`fused_experts_left` names it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ class ExpertMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo = self.layout
         return getattr(self, lo.down)(self.act_fn(getattr(self, lo.gate)(x)) * getattr(self, lo.up)(x))
+
+
+class GptOssExpertMLP(nn.Module):
+    """One gpt-oss expert: ``down((clamp(up) + 1) * g * sigmoid(alpha * g))`` with ``g = clamp(gate)``,
+    every projection with a bias (transformers' ``GptOssExperts._apply_gate`` per expert)."""
+
+    layout = ExpertLayout()
+
+    def __init__(self, hidden: int, inter: int, alpha: float, limit: float, dtype, device):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+        self.gate_proj = nn.Linear(hidden, inter, bias=True, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, inter, bias=True, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(inter, hidden, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
 class UnfusedExperts(nn.ModuleList):
@@ -120,43 +142,82 @@ def is_expert_converter(transform) -> bool:
 
 
 def unfuse_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module whose layout the model's conversion mapping gives by an
-    :class:`UnfusedExperts` (weights copied per expert, or left on the meta device for a skeleton).
-    Returns the names of the replaced modules."""
+    """Replace every fused experts module whose layout is known (the model's conversion mapping, or
+    gpt-oss's) by an :class:`UnfusedExperts` (weights copied per expert, or left on the meta device
+    for a skeleton). Returns the names of the replaced modules."""
     fused = [(n, m) for n, m in model.named_modules() if _is_fused(m)]
     if not fused:
         return []
     layout = expert_layout(model)
-    if layout is None:
-        return []
     done = []
     for name, mod in fused:
-        if any(getattr(mod, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")):
-            continue  # biased experts (gpt-oss) use another layout
-        gu, dn = mod.gate_up_proj, mod.down_proj
-        n_exp, two_inter, hidden = gu.shape
-        inter = two_inter // 2
-        if tuple(dn.shape) != (n_exp, hidden, inter):
+        new = _unfuse_gpt_oss(mod) if _is_gpt_oss(mod) else _unfuse(mod, layout) if layout else None
+        if new is None:
             continue
-        new = UnfusedExperts()
-        for e in range(n_exp):
-            ex = ExpertMLP(layout, hidden, inter, mod.act_fn, gu.dtype, gu.device)
-            if not gu.is_meta:
-                with torch.no_grad():  # own copies: the fused tensors are freed with the old module
-                    getattr(ex, layout.gate).weight.copy_(gu[e, :inter])
-                    getattr(ex, layout.up).weight.copy_(gu[e, inter:])
-                    getattr(ex, layout.down).weight.copy_(dn[e])
-            for p in ex.parameters():
-                p.requires_grad_(False)
-            new.append(ex)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
         done.append(name)
     if done:
+        lo = model.get_submodule(done[0])[0].layout
         logger.info("%d MoE layers: experts unfused into %d Linear layers each (%s, %s, %s per expert)",
-                    len(done), 3 * len(model.get_submodule(done[0])), layout.gate, layout.up, layout.down)
+                    len(done), 3 * len(model.get_submodule(done[0])), lo.gate, lo.up, lo.down)
     return done
+
+
+def _frozen(ex: nn.Module) -> nn.Module:
+    for p in ex.parameters():
+        p.requires_grad_(False)
+    return ex
+
+
+def _unfuse(mod: nn.Module, layout: ExpertLayout) -> UnfusedExperts | None:
+    """``gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows), ``down_proj`` ``[E, H, I]``."""
+    if any(getattr(mod, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")):
+        return None  # biased experts of a layout we do not know
+    gu, dn = mod.gate_up_proj, mod.down_proj
+    n_exp, two_inter, hidden = gu.shape
+    inter = two_inter // 2
+    if tuple(dn.shape) != (n_exp, hidden, inter):
+        return None
+    new = UnfusedExperts()
+    for e in range(n_exp):
+        ex = ExpertMLP(layout, hidden, inter, mod.act_fn, gu.dtype, gu.device)
+        if not gu.is_meta:
+            with torch.no_grad():  # own copies: the fused tensors are freed with the old module
+                getattr(ex, layout.gate).weight.copy_(gu[e, :inter])
+                getattr(ex, layout.up).weight.copy_(gu[e, inter:])
+                getattr(ex, layout.down).weight.copy_(dn[e])
+        new.append(_frozen(ex))
+    return new
+
+
+def _is_gpt_oss(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "GptOssExperts" and all(
+        isinstance(getattr(mod, a, None), torch.Tensor) for a in ("gate_up_proj_bias", "down_proj_bias"))
+
+
+def _unfuse_gpt_oss(mod: nn.Module) -> UnfusedExperts | None:
+    """gpt-oss: ``gate_up_proj`` ``[E, H, 2I]`` in x out, gate in the even columns and up in the odd
+    ones, ``down_proj`` ``[E, I, H]``, biases ``[E, 2I]`` / ``[E, H]``."""
+    gu, gub, dn, dnb = mod.gate_up_proj, mod.gate_up_proj_bias, mod.down_proj, mod.down_proj_bias
+    n_exp, hidden, two_inter = gu.shape
+    inter = two_inter // 2
+    if tuple(dn.shape) != (n_exp, inter, hidden):
+        return None
+    new = UnfusedExperts()
+    for e in range(n_exp):
+        ex = GptOssExpertMLP(hidden, inter, float(mod.alpha), float(mod.limit), gu.dtype, gu.device)
+        if not gu.is_meta:
+            with torch.no_grad():
+                ex.gate_proj.weight.copy_(gu[e, :, ::2].T)
+                ex.up_proj.weight.copy_(gu[e, :, 1::2].T)
+                ex.down_proj.weight.copy_(dn[e].T)
+                ex.gate_proj.bias.copy_(gub[e, ::2])
+                ex.up_proj.bias.copy_(gub[e, 1::2])
+                ex.down_proj.bias.copy_(dnb[e])
+        new.append(_frozen(ex))
+    return new
 
 
 def fused_experts_left(model: nn.Module) -> list[tuple[str, str]]:
@@ -216,3 +277,34 @@ class RoutedTokens:
         prefixes = tuple(f"{name}.{e}." for name, counts in self.counts.items() for e, c in enumerate(counts)
                          if c < below)
         return frozenset(n for n in layers if prefixes and n.startswith(prefixes))
+
+
+def fused_sources(model: nn.Module) -> dict[str, tuple[str, int, object]]:
+    """Where a per-expert tensor of an unfused gpt-oss layer lies in a checkpoint that stores the
+    experts fused: model name -> (fused tensor name, expert index, what turns that expert's slice
+    into the tensor). Streaming reads one expert's slice at a time through it."""
+    def pick(cols: slice, transpose: bool):
+        return lambda t: (t[..., cols].T if transpose else t[..., cols]).contiguous()
+
+    out: dict[str, tuple[str, int, object]] = {}
+    every = slice(None)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, UnfusedExperts) or not len(mod) or not isinstance(mod[0], GptOssExpertMLP):
+            continue
+        for e in range(len(mod)):
+            p = f"{name}.{e}"
+            out.update({
+                f"{p}.gate_proj.weight": (f"{name}.gate_up_proj", e, pick(slice(0, None, 2), True)),
+                f"{p}.up_proj.weight": (f"{name}.gate_up_proj", e, pick(slice(1, None, 2), True)),
+                f"{p}.down_proj.weight": (f"{name}.down_proj", e, pick(every, True)),
+                f"{p}.gate_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(slice(0, None, 2), False)),
+                f"{p}.up_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(slice(1, None, 2), False)),
+                f"{p}.down_proj.bias": (f"{name}.down_proj_bias", e, pick(every, False)),
+            })
+    return out
+
+
+def experts_fused_on_disk(model: nn.Module) -> bool:
+    """Experts transformers keeps fused in its own checkpoints too (gpt-oss): per-expert files are
+    read by signround's and upstream's loaders, not by plain transformers."""
+    return any(isinstance(m, GptOssExpertMLP) for m in model.modules())

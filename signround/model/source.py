@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .moe import has_experts, is_expert_converter
+from .moe import fused_sources, has_experts, is_expert_converter
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ class SafetensorsSource(WeightSource):
         # model state-dict name -> (shard, header entry); checkpoint names renamed as transformers
         # renames them on load
         self.index = {_renamer(model, self.aliases)(k): v for k, v in checkpoint_index(path).items()}
+        # experts a checkpoint stores fused (gpt-oss): each expert's tensors are slices of them
+        self.sliced = {n: src for n, src in fused_sources(model).items() if src[0] in self.index}
+        self._fused_entries = {fused: self.index.pop(fused) for fused in {src[0] for src in self.sliced.values()}}
         self._check(model)
 
     def describe(self) -> str:
@@ -146,6 +149,8 @@ class SafetensorsSource(WeightSource):
         for name, holders in self.aliases.items():
             mod, leaf = holders[0]
             t = getattr(mod, leaf)
+            if name in self.sliced:
+                continue  # its shape is checked when the slice is read
             if name not in self.index:
                 if leaf in mod._parameters and t.is_meta:
                     missing.append(name)
@@ -165,12 +170,23 @@ class SafetensorsSource(WeightSource):
         """The checkpoint's tensor in the dtype the skeleton gave it (what from_pretrained loads)."""
         from safetensors import safe_open
 
-        file, entry = self.index[name]
-        with safe_open(str(file), framework="pt") as f:
-            t = f.get_tensor(entry["__key__"])
         mod, leaf = self.aliases[name][0]
+        if name in self.sliced:  # one expert's slice of a fused tensor, read alone
+            fused, expert, take = self.sliced[name]
+            file, entry = self._fused_entries[fused]
+            with safe_open(str(file), framework="pt") as f:
+                t = take(f.get_slice(entry["__key__"])[expert])
+            if tuple(t.shape) != tuple(getattr(mod, leaf).shape):
+                raise ModelError(f"{fused} of {self.path} does not hold {name} with shape {tuple(getattr(mod, leaf).shape)}")
+        else:
+            file, entry = self.index[name]
+            with safe_open(str(file), framework="pt") as f:
+                t = f.get_tensor(entry["__key__"])
         want = getattr(mod, leaf).dtype
         return t.to(want) if t.is_floating_point() and t.dtype != want else t
+
+    def _has(self, name: str) -> bool:
+        return name in self.index or name in self.sliced
 
     def _names_under(self, prefix: str) -> Iterator[str]:
         p = prefix + "." if prefix else ""
@@ -193,7 +209,7 @@ class SafetensorsSource(WeightSource):
     def _materialize_names(self, names: Iterator[str]) -> None:
         for name in names:
             mod, leaf = self.aliases[name][0]
-            if getattr(mod, leaf).is_meta and name in self.index:
+            if getattr(mod, leaf).is_meta and self._has(name):
                 self._set(name, self._load(name))
 
     def materialize(self, model: nn.Module, prefix: str) -> None:
@@ -209,14 +225,14 @@ class SafetensorsSource(WeightSource):
         for name in [n for n in self.aliases if not n.startswith(inside)]:
             mod, leaf = self.aliases[name][0]
             t = getattr(mod, leaf)
-            if name in self.index and not t.is_meta:
+            if self._has(name) and not t.is_meta:
                 self._set(name, torch.empty_like(t, device="meta"))
 
     def release(self, model: nn.Module, prefix: str) -> None:
         for name in self._names_under(prefix):
             mod, leaf = self.aliases[name][0]
             t = getattr(mod, leaf)
-            if name in self.index and not t.is_meta:
+            if self._has(name) and not t.is_meta:
                 self._set(name, torch.empty_like(t, device="meta"))
 
     def read(self, name: str) -> torch.Tensor:
@@ -226,7 +242,7 @@ class SafetensorsSource(WeightSource):
         """NaN/Inf check of the given weights, one tensor at a time (nothing stays resident)."""
         for layer in names:
             key = layer + ".weight"
-            if key in self.index and not torch.isfinite(self._load(key)).all():
+            if self._has(key) and not torch.isfinite(self._load(key)).all():
                 raise ModelError(
                     f"the weight of {layer} contains NaN or Inf; the checkpoint is damaged. Re-export it, "
                     f"or keep the layer out with ignore_layers={layer!r} if that is expected"
