@@ -38,7 +38,7 @@ from .model.hub import resolve_model
 from .model.kvcache import parse_fp8
 from .model.vlm import check_vlm_options
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
-from .memory import release_memory
+from .memory import release_memory, tune_allocator
 from .model.source import InMemorySource, WeightSource
 from .plan import QuantPlan, build_plan, untie_output_embedding
 from .upstream_only import API_ONLY as UPSTREAM_ONLY
@@ -127,6 +127,7 @@ class AutoRound:
         **upstream_only: Any,
     ):
         self.start_time = time.time()
+        tune_allocator()  # freed temporaries go back to the OS instead of piling up within a block
         _refuse_upstream_only(upstream_only)
         dtype = model_dtype or dtype  # upstream's name for the load dtype
         # 1. settings

@@ -107,3 +107,28 @@ def test_gradients_flow_to_tunables():
 def test_output_dtype_follows_weight(dtype):
     dq, _ = qdq(torch.randn(4, 32).to(dtype), QuantSpec(bits=4, group_size=32))
     assert dq.dtype == dtype
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=64), QuantSpec(bits=2, group_size=32, sym=False),
+                                  QuantSpec(bits=3, group_size=48), "q4_k", "q6_k", "q4_1"])
+def test_qdq_in_rows_equals_the_whole_weight(spec):
+    """The end of a block quantizes each layer a few rows at a time (its float32 temporaries a
+    chunk's, not a layer's): values, codes, scales and zero points bit-identical to one piece,
+    including a short last chunk."""
+    from signround.qdq import qdq_in_rows
+    from signround.schemes import GGML_SPECS
+
+    spec = GGML_SPECS[spec] if isinstance(spec, str) else spec
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1100, 512, generator=g).to(torch.bfloat16)
+    v = torch.rand(w.shape, generator=g) - 0.5
+    ng = -(-512 // spec.group_size)
+    mn, mx = torch.rand(1100, ng, generator=g) * 0.5 + 0.5, torch.rand(1100, ng, generator=g) * 0.5 + 0.5
+    a, qa = qdq(w, spec, v=v, min_scale=mn, max_scale=mx)
+    b, qb = qdq_in_rows(w, spec, v=v, min_scale=mn, max_scale=mx, rows=256)
+    assert torch.equal(a, b) and a.dtype == b.dtype
+    assert torch.equal(qa.codes.to(torch.uint8), qb.codes) and torch.equal(qa.scale, qb.scale)
+    assert torch.equal(qa.zero, qb.zero)
+    assert (qa.super_scale is None) == (qb.super_scale is None)
+    if qa.super_scale is not None:
+        assert torch.equal(qa.super_scale, qb.super_scale)

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from torch import nn
 
 from ..model.layers import attach_act_quant, get_weight, set_module, set_weight
-from ..qdq import QParams, n_groups, qdq
+from ..qdq import QParams, n_groups, qdq, qdq_in_rows
 from ..qdq.act import qdq_act
 from ..schemes import QuantSpec
 from . import kernels
@@ -107,7 +107,10 @@ class TunableLayer(nn.Module):
         self.frozen = False  # kept at the start: no gradient is carried to its parameters
 
     def qdq_weight(self) -> tuple[torch.Tensor, QParams]:
-        return qdq(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
+        """The final qdq weight and its QParams, a few rows at a time where the data type allows
+        (the end of a block otherwise holds a whole layer's float32 temporaries at once)."""
+        with torch.no_grad():
+            return qdq_in_rows(self.w, self.spec, v=self.v, min_scale=self.min_scale, max_scale=self.max_scale)
 
     def qdq_values(self) -> torch.Tensor:
         return qdq_values(self.spec, self.w, self.v, self.min_scale, self.max_scale, self.compile_qdq)
@@ -143,10 +146,12 @@ class TunableLayer(nn.Module):
         if grad:  # the graph to the parameters is rebuilt one layer at a time in backprop_shared
             self._w_leaf.requires_grad_()
 
-    def state(self, zero_v: bool = False) -> list[torch.Tensor | None]:
+    def state(self, zero_v: bool = False, compact: bool = False) -> list[torch.Tensor | None]:
         """A copy of the parameters; ``zero_v``: the offsets are all zero (the start), kept as None
-        instead of a weight-sized copy."""
-        v = None if zero_v else self.v.detach().clone()
+        instead of a weight-sized copy; ``compact``: the offsets in float16 (the best iteration's
+        copy: half the memory; |v| <= 0.5 keeps them to 1.2e-4, which moves a rounding decision
+        for about one weight in 4000)."""
+        v = None if zero_v else self.v.detach().to(torch.float16 if compact else self.v.dtype, copy=True)
         return [v, self.min_scale.detach().clone(), self.max_scale.detach().clone()]
 
     def load(self, state: list[torch.Tensor | None]) -> None:
@@ -239,8 +244,8 @@ class TunableOffset(nn.Module):
         self._momentum: dict[int, torch.Tensor] = {}
         parametrize.register_parametrization(module, attr, _Offset(self), unsafe=True)
 
-    def state(self, zero_v: bool = False) -> list[torch.Tensor | None]:
-        return [None if zero_v else self.v.detach().clone()]
+    def state(self, zero_v: bool = False, compact: bool = False) -> list[torch.Tensor | None]:
+        return [None if zero_v else self.v.detach().clone()]  # norm/bias offsets: small, kept exact
 
     def load(self, state: list[torch.Tensor | None]) -> None:
         with torch.no_grad():
@@ -544,7 +549,7 @@ def tune_unit(
         # gradients read only by the plain signed step, once per step: their signs are enough
         sign_only = adam is None and not cfg.momentum and cfg.gradient_accumulate_steps == 1
         best = best_score = math.inf
-        best_state = {k: w.state() for k, w in tunables.items()} if cfg.iters else start_state
+        best_state = {k: w.state(compact=True) for k, w in tunables.items()} if cfg.iters else start_state
         best_iter = 0
         loss_iter0 = math.nan
         perm = torch.randperm(n, generator=generator)
