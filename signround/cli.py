@@ -246,11 +246,6 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", "--device_map", "--devices", dest="device", default=None,
                    help="cpu, cuda, cuda:N or N (default: cuda when available)")
     p.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
-    p.add_argument("--mllm", action="store_true",
-                   help="load the model as an image-text-to-text model (detected from the config otherwise)")
-    p.add_argument("--quant_nontext_module", action="store_true",
-                   help="also quantize a vision-language model's vision tower and projector (rounded without "
-                        "data; kept exact by default)")
     p.add_argument("--disable_trust_remote_code", action="store_true", help="(the default here)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     _add_eval_args(p, required=False)

@@ -134,15 +134,11 @@ def build_plan(
 
 def _nontext_layers(model: nn.Module, quant_nontext_module: bool) -> list[str]:
     """A VLM's vision and projector Linear layers when they are to be quantized (else none: they
-    are kept exactly as the checkpoint has them)."""
-    from .model.vlm import nontext_linear_names, nontext_module_names
+    are kept exactly as the checkpoint has them; a text model with the option is refused from its
+    config before loading, by ``model.vlm.check_vlm_options``)."""
+    from .model.vlm import nontext_linear_names
 
-    if not quant_nontext_module:
-        return []
-    if not nontext_module_names(model):
-        raise ConfigError("quant_nontext_module: this model has no vision tower or projector (not an image-text "
-                          "model); drop the option")
-    return nontext_linear_names(model)
+    return nontext_linear_names(model) if quant_nontext_module else []
 
 
 def _check_fused_experts(model: nn.Module, blocks: list[str], layer_config: Mapping[str, Any] | None,

@@ -8,6 +8,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..errors import ExportError
+from ..model.moe import experts_fused_on_disk
 from ..plan import QuantPlan
 from ..qdq import QParams
 
@@ -20,9 +22,6 @@ class FakeExporter:
     description = "qdq weights in the original dtype: an ordinary transformers checkpoint (any scheme)"
 
     def check(self, plan: QuantPlan, model: nn.Module) -> None:
-        from ..errors import ExportError
-        from ..model.moe import experts_fused_on_disk
-
         if experts_fused_on_disk(model):
             raise ExportError(
                 f"fake writes a plain transformers checkpoint, but transformers reads this {model.config.model_type} "

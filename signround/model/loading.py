@@ -119,10 +119,12 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 
 
 def _whole(path: Path, dtype: Any, trust_remote_code: bool, mllm: bool = False) -> nn.Module:
+    from transformers import AutoConfig
+
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
                               "use_safetensors": True}
-    try:
-        config = load_config(str(path), trust_remote_code)
+    try:  # the directory was checked already (its shard headers read once)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return auto_class(config, mllm).from_pretrained(str(path), **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):

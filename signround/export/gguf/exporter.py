@@ -125,7 +125,7 @@ class GGUFFile:
         self.n_experts = n_experts(self.config)
         # a layer's experts, gathered until the last one arrives and written as one stacked tensor
         # (they arrive within one block, so a block boundary, where resume state is saved, has none)
-        self.pending: dict[str, dict[int, tuple[np.ndarray, Any]]] = {}
+        self.pending: dict[str, dict[int, np.ndarray]] = {}
         self.entries: list[list] = state["entries"] if state else []
         self.length: int = state["length"] if state else 0
         if self.spill.exists():
@@ -164,11 +164,11 @@ class GGUFFile:
         e = expert_slot(name)
         if e is not None:
             experts = self.pending.setdefault(target, {})
-            experts[e] = (arr, dtype)
+            experts[e] = arr  # one block type for all of them (checked before tuning)
             if len(experts) < self.n_experts:
                 return
             del self.pending[target]
-            arr = np.stack([experts[i][0] for i in range(self.n_experts)])
+            arr = np.stack([experts[i] for i in range(self.n_experts)])
         self._write(target, arr, dtype)
 
     def _write(self, target: str, arr: np.ndarray, dtype: Any) -> None:
