@@ -11,10 +11,13 @@ measures them) on SmolLM2-135M with the same 16 x 256 calibration texts. Run spe
   (``ignore_scale_zp_bits``), e.g. ``ours:auto:3.0i``;
 * ``ours:uniform:SCHEME``: one scheme for every layer.
 
-Schemes with MX/NV types are saved as llm_compressor, others as auto_round. Achieved bits are
-counted from each saved config (quantization_config, per layer) with the accounting both tools use
-(signround.autoscheme.layer_bits), WikiText-2 / tinyshakespeare perplexity from the saved files
-loaded with signround.load_quantized.
+Schemes with MX/NV types are saved as llm_compressor, GGUF ones (``ours:uniform:GGUF:Q4_K_S``,
+``ours:auto:3.5=GGUF:Q2_K_S+GGUF:Q4_K_S``) as one .gguf file of the (dearest) option's file type,
+others as auto_round. Achieved bits are counted from each saved config (quantization_config, per
+layer) with the accounting both tools use (signround.autoscheme.layer_bits); for GGUF files from the
+file itself: the bytes of every 2-D tensor (token embedding and output included, as AutoScheme counts
+them for GGUF) over their weights. WikiText-2 / tinyshakespeare perplexity from the saved files loaded
+with signround.load_quantized (GGUF: transformers' gguf_file loader, which dequantizes).
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def parse_run(spec: str) -> dict:
         run["scheme"] = value
     schemes = run.get("options") or [run["scheme"]]
     run["format"] = "llm_compressor" if any(re.search("FP", s) for s in schemes) else "auto_round"
+    if any(s.upper().startswith("GGUF:") for s in schemes):
+        from signround.autoscheme.options import base_spec, parse_options
+        from signround.schemes import preset
+
+        spec = base_spec(parse_options(schemes)) if kind == "auto" else preset(run["scheme"].upper())
+        run["format"] = f"gguf:{spec.ggml_type}"
     return run
 
 
@@ -93,7 +102,8 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
         else:
             cmd += ["--scheme", run["scheme"]]
     res = measure(cmd, work / f"{out.name}.log")
-    found = [out] if (out / "config.json").exists() else sorted(p.parent for p in out.glob("*/config.json"))
+    found = [out] if (out / "config.json").exists() or list(out.glob("*.gguf")) else sorted(
+        p.parent for p in out.glob("*/config.json"))
     res["dir"] = str(found[0] if found else out)
     if res["returncode"] != 0:
         res["error"] = (work / f"{out.name}.log").read_text()[-2000:]
@@ -153,6 +163,30 @@ def layer_specs(out_dir: Path, shapes: dict) -> dict:
     return specs
 
 
+def gguf_bits(out_dir: Path) -> float:
+    """Bits per weight of the 2-D tensors of the .gguf file in ``out_dir`` (their bytes on disk)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    (f,) = out_dir.glob("*.gguf")
+    mats = [t for t in GGUFReader(str(f)).tensors if len(t.shape) == 2]
+    return sum(int(t.n_bytes) * 8 for t in mats) / sum(int(np.prod(t.shape)) for t in mats)
+
+
+def evaluate_gguf(out_dir: Path, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench_vs_upstream import CORPORA
+    from signround.eval import perplexity, read_text
+
+    (f,) = out_dir.glob("*.gguf")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir), gguf_file=f.name, dtype=torch.float32)
+    return {name: perplexity(model, tok, read_text(c), seqlen=args.eval_seqlen, n_windows=args.eval_windows)["ppl"]
+            for name, c in CORPORA.items()}
+
+
 def achieved_bits(out_dir: Path, shapes: dict) -> float:
     from signround.autoscheme import layer_bits
 
@@ -181,7 +215,10 @@ def main() -> int:
     for run in runs:
         print(f"running {run['name']} (iters {args.iters}) ...", flush=True)
         r = {**run, **run_one(run, args, calib, work, upy)}
-        if r.get("returncode") == 0:
+        if r.get("returncode") == 0 and run["format"].startswith("gguf:"):
+            r["avg_bits"] = gguf_bits(Path(r["dir"]))
+            r["ppl"] = evaluate_gguf(Path(r["dir"]), args)
+        elif r.get("returncode") == 0:
             r["avg_bits"] = achieved_bits(Path(r["dir"]), shapes)
             r["ppl"] = evaluate(r["dir"], False, args)
         results[run["name"]] = r

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import export
-from .autoscheme import LAYER_CONFIG_FILE, AutoScheme, Selection, prepare, select, trial_plans
+from .autoscheme import LAYER_CONFIG_FILE, AutoScheme, Selection, base_spec, prepare, restore, select, trial_plans
 from .calib import DEFAULT_DATASET, build_calibration
 from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
@@ -139,8 +139,8 @@ class AutoRound:
             if given:
                 raise ConfigError(f"{sorted(given)}: with AutoScheme the options set every layer's scheme; drop "
                                   "these settings or add an option that has them")
-            # layer_config entries without a scheme of their own start from the first quantized option
-            scheme = next(s for _, s in self.autoscheme.specs if s.quantized)
+            # layer_config entries without a scheme of their own start from it; GGUF: the file type
+            scheme = base_spec(self.autoscheme.specs)
         self.spec = resolve_scheme(
             scheme, bits, group_size, sym, data_type=data_type, act_bits=act_bits, act_data_type=act_data_type,
             act_group_size=act_group_size, act_dynamic=act_dynamic, scale_dtype=scale_dtype,
@@ -258,10 +258,24 @@ class AutoRound:
         self.plan.specs.update(self.selection.specs)
         return self.selection
 
+    def default_format(self, format: str | None = None) -> str:
+        """``format``, or when none is given what the scheme implies, as upstream picks it: the GGUF
+        file type of a GGUF scheme (an AutoScheme of GGUF options: the dearest), else auto_round."""
+        if format is not None:
+            return format
+        return f"gguf:{self.plan.ggml_ftype}" if self.plan.ggml_ftype else "auto_round"
+
     def _check_formats(self, format: str, output_dir: str | os.PathLike) -> list:
         """The formats against the plan; before AutoScheme has chosen, against every option and a mix of
         them, so a format that cannot hold some choice is named before scoring."""
         if self._request is not None and self.selection is None:
+            ftype = self.plan.ggml_ftype
+            asked = {f.strip().lower() for f in format.split(",")}
+            if ftype and asked != {f"gguf:{ftype}"}:
+                raise ExportError(
+                    f"AutoScheme over GGUF options writes one .gguf file of llama.cpp file type {ftype.upper()} (the "
+                    f"dearest option, whose mix types the token embedding and output); format {format!r} cannot "
+                    f"hold it: use --format gguf:{ftype}, or leave the format out")
             for label, trial in trial_plans(self.plan, self._request):
                 try:
                     export.check_formats(format, self._model, trial, output_dir)
@@ -321,7 +335,7 @@ class AutoRound:
         device = self.devmap.primary
         if self.source.streamed:  # NaN/Inf in a weight: found before tuning, one tensor at a time
             self.source.scan_finite([n for n, s in self.plan.specs.items() if s.quantized])
-        ids = self.calibration_ids() if self.needs_calibration else None
+        ids = self.calibration_ids() if self.needs_calibration or self.autoscheme is not None else None
         self._probe = probe_ids_for(self._model, seed=self.seed)
         if ids is not None:
             steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
@@ -333,7 +347,7 @@ class AutoRound:
 
     # -- save -------------------------------------------------------------------------------------
     def save_quantized(
-        self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True,
+        self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True,
         max_shard_size: int | str | None = None, self_check: bool = True, **kwargs: Any
     ) -> Path:
         """Write the quantized model to exactly ``output_dir`` in ``format`` (several comma-separated:
@@ -343,7 +357,7 @@ class AutoRound:
         if self.result is None:
             raise ConfigError("call quantize() before save_quantized(), or use quantize_and_save()")
         _reject_unknown(kwargs)
-        exporters = export.check_formats(format, self._model, self.plan, output_dir)
+        exporters = export.check_formats(self.default_format(format), self._model, self.plan, output_dir)
         partial = export.PartialDir(output_dir)
         with _guarded(partial, self._needed_bytes(exporters)):
             sink = export.ExportSink(exporters, partial.path, self._model, self.plan, self.source_dir,
@@ -392,7 +406,7 @@ class AutoRound:
             sink.block(self._model, block, {n: self.result.qparams[n] for n in names})
 
     def quantize_and_save(
-        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", resume: bool = False,
+        self, output_dir: str | os.PathLike = "tmp_autoround", format: str | None = None, resume: bool = False,
         start_over: bool = False, self_check: bool = True, max_shard_size: int | str | None = None, **kwargs: Any
     ) -> tuple[nn.Module, Path]:
         """Check the output target, quantize while writing each block as it finishes, save.
@@ -405,21 +419,26 @@ class AutoRound:
         out = self.run_and_save(output_dir, format, resume, start_over, self_check, max_shard_size)
         return self.model, out
 
-    def run_and_save(self, output_dir: str | os.PathLike, format: str = "auto_round", resume: bool = False,
+    def run_and_save(self, output_dir: str | os.PathLike, format: str | None = None, resume: bool = False,
                      start_over: bool = False, self_check: bool = True, max_shard_size: int | str | None = None) -> Path:
         """:meth:`quantize_and_save` without loading a model to return (what the CLI runs)."""
-        exporters = self._check_formats(format, output_dir)
+        exporters = self._check_formats(self.default_format(format), output_dir)
         if resume and not self.source_dir:
             raise ConfigError("resume needs a model loaded from a directory (its checkpoint identifies the run)")
         partial = export.PartialDir(output_dir, resume=resume, start_over=start_over)
         checkpoint = None
         resumable = lambda: checkpoint is not None and (partial.path / "resume" / "state.json").is_file()  # noqa: E731
         with _guarded(partial, self._needed_bytes(exporters), resumable):
+            if self.source_dir:
+                checkpoint = self._checkpoint(partial, exporters)
+                if checkpoint.autoscheme is not None and self._request is not None and self.selection is None:
+                    self.selection = restore(self._request, checkpoint.autoscheme)
+                    self.plan.specs.update(self.selection.specs)
             if self.choose_schemes() is not None:
                 for e in exporters:
                     e.check(self.plan, self._model)
-            if self.source_dir:
-                checkpoint = self._checkpoint(partial, exporters)
+                if checkpoint is not None:
+                    checkpoint.autoscheme = self.selection.record()
             self.source.materialize_outside(self._model, self.plan.block_names)
             untie_output_embedding(self._model, self.plan)
             sink = export.ExportSink(exporters, partial.path, self._model, self.plan, self.source_dir,
@@ -443,20 +462,25 @@ class AutoRound:
     def _checkpoint(self, partial: Any, exporters: list) -> Any:
         from .resume import RunCheckpoint
 
-        ids = self.calibration_ids() if self.needs_calibration else None
+        ids = self.calibration_ids() if self.needs_calibration or self.autoscheme is not None else None
         return RunCheckpoint(partial.path / "resume", self._fingerprint(exporters, ids), resume=partial.resumed)
 
     def _fingerprint(self, exporters: list, ids: torch.Tensor | None) -> dict[str, str]:
         """What must not change between an interrupted run and its resumption, by name."""
-        from .resume import file_digest, tensor_digest
+        from .resume import file_digest, tensor_digest, text_digest
 
         src = Path(self.source_dir)
         shards = sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors"))
         specs = sorted({s.label() for s in self.plan.quantized.values()})
+        scheme = f"{self.plan.default.label()}; layers {len(self.plan.quantized)} ({', '.join(specs)})"
+        if self.autoscheme is not None:  # taken before the choice, which the resume state keeps
+            a, free = self.autoscheme, self._request.layer_specs
+            fixed = sorted((n, s.label()) for n, s in self.plan.specs.items() if n not in free)
+            scheme = (f"{a.describe()}; ignore_scale_zp_bits {a.ignore_scale_zp_bits}; shared {a.shared_layers}; "
+                      f"fixed layers {text_digest(str(fixed))}; scoring data {tensor_digest(self._autoscheme_ids())}")
         return {
             "model": f"{src} config {file_digest(src / 'config.json')} shards {shards}",
-            "scheme": f"{self.plan.default.label()}; layers {len(self.plan.quantized)} ({', '.join(specs)})"
-                      + (f"; {self.autoscheme.describe()}" if self.autoscheme is not None else ""),
+            "scheme": scheme,
             "iters": str(self.cfg.iters),
             "tuning": str(sorted(self._config_record().items())),
             "data": tensor_digest(ids),

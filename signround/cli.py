@@ -29,6 +29,19 @@ def _default_scheme(formats: str) -> str:
     return f"GGUF:{ggml.pop().upper()}" if len(ggml) == 1 else "W4A16"
 
 
+def _implied_format(scheme: str | None, auto: Any) -> str:
+    """No --format: gguf:TYPE for a GGUF scheme (AutoScheme of GGUF options: the dearest), else auto_round."""
+    from .schemes import preset
+
+    if auto is not None:
+        from .autoscheme import base_spec
+
+        ggml = base_spec(auto.specs).ggml_type
+    else:
+        ggml = preset(scheme.upper()).ggml_type if scheme and scheme.upper().startswith("GGUF:") else None
+    return f"gguf:{ggml}" if ggml else "auto_round"
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -156,8 +169,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
                         "(every GPU, else the CPU; the default)")
     p.add_argument("--model_dtype", default="auto",
                    help="dtype to load the model in (auto, float32, float16, bfloat16)")
-    p.add_argument("--format", "--formats", dest="format", default="auto_round",
-                   help="auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:TYPE (q4_0, q4_1, q5_0, q5_1, "
+    p.add_argument("--format", "--formats", dest="format", default=None,
+                   help="default: auto_round (gguf:TYPE for a GGUF scheme); auto_round, auto_gptq, auto_awq, llm_compressor, fake, gguf:TYPE (q4_0, q4_1, q5_0, q5_1, "
                         "q8_0, q2_k, q2_k_s, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k); comma-separated for several "
                         "(one subdirectory each)")
     p.add_argument("--output_dir", default=None,
@@ -351,6 +364,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .model.hub import resolve_model
 
     auto = _autoscheme(args)  # before anything is read: option names and the budget's form
+    args.format = args.format or _implied_format(args.scheme, auto)
     args.bits = _int_bits(args.bits)
     # Cheap checks first: nothing is loaded before the output target, format and tasks are known good.
     exporters = export.get_exporters(args.format)

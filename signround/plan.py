@@ -47,6 +47,9 @@ class QuantPlan:
     # a VLM's vision tower and projector layers (quant_nontext_module): rounded without data, since
     # text-only calibration never reaches them
     nontext: list[str] = field(default_factory=list)
+    # block layers that took the default scheme (no layer_config / ignore_layers entry): what
+    # AutoScheme chooses for
+    defaulted: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> dict[str, QuantSpec]:
@@ -103,7 +106,8 @@ def build_plan(
         specs[head] = default
     from .export.gguf.mixes import resolve_mix  # the GGUF tables live with the exporter
 
-    ggml_ftype, ggml_extras = resolve_mix(model, specs, head)
+    defaulted = [n for n in names if specs[n] is default]  # before the mix gives them block types
+    ggml_ftype, ggml_extras = resolve_mix(model, specs, head, default)
     for name, spec in specs.items():
         if not spec.quantized:
             continue
@@ -129,7 +133,7 @@ def build_plan(
         )
     routers = [f"{b}.{r}" for b in blocks for r in router_modules(get_module(model, b))]
     return QuantPlan(default, blocks, specs, head, untie, block_layers, ggml_ftype, ggml_extras, routers,
-                     nontext=[n for n in nontext if specs[n].quantized])
+                     nontext=[n for n in nontext if specs[n].quantized], defaulted=defaulted)
 
 
 def _nontext_layers(model: nn.Module, quant_nontext_module: bool) -> list[str]:

@@ -4,7 +4,8 @@ It lives in ``resume/`` inside the hidden partial output directory, next to the 
 
 - ``state.json``: the run's fingerprint (model, scheme, tuning settings, calibration data, seed,
   formats), the number of finished blocks, per-block statistics, each output file's writer state
-  (how far its spill is valid), and the name of the chain file;
+  (how far its spill is valid), the name of the chain file, and AutoScheme's choice (a resumed run
+  reuses it instead of scoring again);
 - ``chain-K.safetensors``: both activation chains after block K, the probes' hidden states and
   the tuning RNG state.
 
@@ -47,6 +48,10 @@ def tensor_digest(t: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "none"
 
@@ -58,6 +63,7 @@ class RunCheckpoint:
         self.dir = directory
         self.fingerprint = fingerprint
         self.sink: Any = None  # the ExportSink whose writer states go with each checkpoint
+        self.autoscheme: dict[str, Any] | None = None  # AutoScheme's choice, kept so a resume does not score again
         self._state: dict[str, Any] | None = None
         self._last_save = 0.0
         if resume:
@@ -79,6 +85,7 @@ class RunCheckpoint:
                     f"--resume: the interrupted run used a different {key} ({old.get(key)!r}, now {value!r}); "
                     "rerun with the same settings to continue it, or use --start_over to discard it"
                 )
+        self.autoscheme = state.get("autoscheme")
         return state
 
     @property
@@ -113,7 +120,8 @@ class RunCheckpoint:
         save_file(tensors, str(self.dir / chain))
         _fsync(self.dir / chain)
         state = {"fingerprint": self.fingerprint, "blocks_done": point.blocks_done, "chain": chain,
-                 "block_stats": point.block_stats, "sink": sink_state}
+                 "block_stats": point.block_stats, "sink": sink_state,
+                 **({"autoscheme": self.autoscheme} if self.autoscheme is not None else {})}
         tmp = self.dir / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1) + "\n")
         _fsync(tmp)

@@ -326,13 +326,16 @@ def spec_from_value(value: Any, default: QuantSpec, key: str) -> QuantSpec:
         value = dict(value)
         if "scheme" in value:
             base = preset(value.pop("scheme"))
+        elif "ggml_type" in value:  # a GGUF block type (q4_k) or file type (q4_k_m), as AutoScheme saves them
+            t = str(value.pop("ggml_type")).lower()
+            base = GGML_SPECS[t] if t in GGML_SPECS else preset(f"GGUF:{t.upper()}")
         else:
             base = default
         allowed = {"bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_group_size", "act_dynamic",
                    "scale_dtype"}
         extra = set(value) - allowed
         if extra:
-            raise ConfigError(f"{where}: unknown option(s) {sorted(extra)}; allowed: {sorted(allowed | {'scheme'})}")
+            raise ConfigError(f"{where}: unknown option(s) {sorted(extra)}; allowed: {sorted(allowed | {'scheme', 'ggml_type'})}")
         return base.with_overrides(**value).validate(where)
     if isinstance(value, int) and not isinstance(value, bool):
         return default.with_overrides(bits=value).validate(where)

@@ -51,22 +51,30 @@ def load_saved(directory: Path, format_name: str) -> nn.Module:
     return load_quantized(str(directory), device="cpu", dtype=torch.float32, backend="torch")
 
 
+# GGUF keys transformers' reader leaves unread, so any other size than the config default fails to load
+_UNREAD = {"qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+           "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                         "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}}
+
+
 @contextlib.contextmanager
 def _expert_size_read():
-    """transformers' GGUF reader leaves a Qwen3-MoE file's ``expert_feed_forward_length`` unread, so
-    any expert size but the config default fails to load; map it to ``moe_intermediate_size`` while
-    loading (the key llama.cpp itself reads)."""
+    """transformers' GGUF reader leaves a Qwen3-MoE / Qwen2-MoE file's expert sizes unread; map them
+    to the config's names while loading (the keys llama.cpp itself reads)."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    table = GGUF_CONFIG_MAPPING.get("qwen3_moe")
-    if table is None or "expert_feed_forward_length" in table:
-        yield
-        return
-    table["expert_feed_forward_length"] = "moe_intermediate_size"
+    added = []
+    for arch, keys in _UNREAD.items():
+        table = GGUF_CONFIG_MAPPING.get(arch)
+        for key, attr in keys.items():
+            if table is not None and key not in table:
+                table[key] = attr
+                added.append((table, key))
     try:
         yield
     finally:
-        table.pop("expert_feed_forward_length", None)
+        for table, key in added:
+            table.pop(key, None)
 
 
 def gguf_unreadable(directory: Path) -> str | None:

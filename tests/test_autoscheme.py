@@ -175,7 +175,7 @@ def test_budget_outside_the_options_range_is_refused(stories_dir, monkeypatch, b
 
 @pytest.mark.parametrize("options,match", [
     ("W2A16G32,W9A16", "AutoScheme option W9A16: 9-bit integer weights are not supported"),
-    ("W2A16G32,GGUF:Q4_K_M", "GGUF types cannot be mixed by AutoScheme"),
+    ("W2A16G32,GGUF:Q4_K_M", "choose GGUF options .BF16 may join them. or none"),
     ("W4A16G32", "at least two different options"),
     ("NOPE,W4A16", "unknown scheme"),
 ])
@@ -233,10 +233,110 @@ def test_scoring_in_chunks_of_samples_agrees_with_one_pass(stories_dir):
 
     ar = AutoRound(str(stories_dir), scheme=AutoScheme(2.9, OPTS), **SMALL)
     req, plan, ids = ar._request, ar.plan, ar._autoscheme_ids()
-    args = (ar._model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options, ids, ar.cfg,
+    args = (ar._model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options, req.layer_specs, ids, ar.cfg,
             ar.devmap, ar.source, 2)
     whole = score_groups(*args)
     per_sample = len(plan.block_names) * ids.shape[1] * ar._model.config.hidden_size * 2  # bf16 or fp32 cache
     chunked = score_groups(*args, max_cache_bytes=2 * per_sample)  # two chunks (or four with a float32 cache)
     assert np.all(chunked[:, 0] > chunked[:, 1]) and np.all(chunked[:, 1] > chunked[:, 2])
     np.testing.assert_allclose(chunked, whole, rtol=0.25)
+
+
+def test_resume_reuses_the_interrupted_runs_choice(chosen, stories_dir, tmp_path, monkeypatch):
+    """A run stopped after two blocks, resumed: the choice comes from the resume state (no scoring
+    again) and the files equal an uninterrupted run's."""
+    from signround.resume import RunCheckpoint
+    from test_streaming import same_files
+
+    _, ref = chosen
+    out = tmp_path / "out"
+    save = RunCheckpoint.save
+
+    def crash_after_two(self, point):
+        save(self, point)
+        if point.blocks_done == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(RunCheckpoint, "save", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        AutoRound(str(stories_dir), scheme=AutoScheme(2.9, OPTS), **SMALL).quantize_and_save(out, format="auto_round")
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    state = json.loads((tmp_path / ".out.signround-partial" / "resume" / "state.json").read_text())
+    assert state["blocks_done"] == 2 and state["autoscheme"]["groups"]
+    _no_scoring(monkeypatch)
+    # other AutoScheme settings are refused, naming the scheme
+    with pytest.raises(ConfigError, match="different scheme"):
+        AutoRound(str(stories_dir), scheme=AutoScheme(2.8, OPTS), **SMALL).quantize_and_save(out, resume=True)
+    ar = AutoRound(str(stories_dir), scheme=AutoScheme(2.9, OPTS), **SMALL)
+    ar.quantize_and_save(out, format="auto_round", resume=True)
+    assert [r["option"] for r in ar.selection.rows] == [r["option"] for r in chosen[0].selection.rows]
+    same_files(out, ref)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory, stories_dir):
+    from tiny_models import wide_model
+
+    return wide_model(tmp_path_factory.mktemp("wide"), stories_dir, tied=False)
+
+
+def test_gguf_options_mix_llama_cpp_types_per_layer(wide_dir, tmp_path):
+    """GGUF options: each layer takes the block type its option's llama.cpp mix gives it, the token
+    embedding and output follow the dearest option (the file type, the format when none is given);
+    the file loads in transformers with our logits, and the saved layer_config rebuilds it."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from signround.export.gguf.mixes import Mix
+
+    ar = AutoRound(str(wide_dir), scheme=AutoScheme(4.0, "GGUF:Q2_K_S,GGUF:Q4_K_M"), **SMALL)
+    ar.quantize_and_save(tmp_path / "o", self_check=False)  # format: gguf:q4_k_m, implied
+    sel = ar.selection
+    assert 3.8 < sel.avg_bits <= 4.0 and {r["option"] for r in sel.rows} == {"GGUF:Q2_K_S", "GGUF:Q4_K_M"}
+    (f,) = (tmp_path / "o").glob("*-q4_k_m.gguf")
+    types = {t.name.removesuffix(".weight"): t.tensor_type.name.lower() for t in GGUFReader(str(f)).tensors}
+    mix = Mix(ar._model)
+    for row in sel.rows:
+        for name in row["layers"]:
+            want = mix.spec(row["option"].lower()[5:], name)  # e.g. attn_v of layer 0 under Q4_K_M: q6_k
+            assert types[f"blk.{name.split('.')[2]}.{_role(name)}"] == want.ggml_type
+    assert types["token_embd"] == "q4_k" and types["output"] == "q6_k"  # Q4_K_M's rules
+    # the counted bits: block layers at their types plus the embedding and output
+    sizes = {t.name.removesuffix(".weight"): int(t.n_bytes) for t in GGUFReader(str(f)).tensors if len(t.shape) == 2}
+    assert sum(sizes.values()) * 8 / ar._request.params == pytest.approx(sel.avg_bits, rel=1e-6)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), gguf_file=f.name, dtype=torch.float32)
+    ids = torch.arange(40).reshape(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ar.model(ids).logits, atol=1e-5, rtol=1e-5)
+    # --layer_config FILE with the file type as the scheme writes the same file
+    again = AutoRound(str(wide_dir), scheme="GGUF:Q4_K_M", layer_config=json.loads((tmp_path / "o" / "layer_config.json").read_text()),
+                      **SMALL)
+    again.quantize_and_save(tmp_path / "again", self_check=False)
+    assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
+
+
+def _role(name: str) -> str:
+    return {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[name.rsplit(".", 1)[1]]
+
+
+def test_gguf_options_refusals(wide_dir, tmp_path, monkeypatch):
+    _no_scoring(monkeypatch)
+    ar = AutoRound(str(wide_dir), scheme=AutoScheme(4.0, "GGUF:Q2_K_S,GGUF:Q4_K_M"), **SMALL)
+    for fmt in ("auto_round", "gguf:q2_k_s"):
+        with pytest.raises(ExportError, match="file type Q4_K_M .the dearest option.*--format gguf:q4_k_m"):
+            ar.quantize_and_save(tmp_path / "o", format=fmt)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="outside what the options reach"):
+        AutoRound(str(wide_dir), scheme=AutoScheme(2.0, "GGUF:Q2_K_S,GGUF:Q4_K_M"), **SMALL)
+
+
+def test_cli_gguf_options_write_the_dearest_file_type(wide_dir, tmp_path):
+    from signround.cli import main
+
+    out = tmp_path / "o"
+    assert main([str(wide_dir), "--options", "GGUF:Q4_K_S,GGUF:Q2_K_S", "--avg_bits", "3.5", "--iters", "0",
+                 "--nsamples", "4", "--seqlen", "32", "--batch_size", "2", "--output_dir", str(out)]) == 0
+    assert [p.name for p in out.glob("*.gguf")] == ["wide-llama-untied-q4_k_s.gguf"]
+    cfg = json.loads((out / "layer_config.json").read_text())
+    assert {c["ggml_type"] for c in cfg.values()} >= {"q2_k", "q4_k"}

@@ -50,6 +50,30 @@ def test_cli_gguf_format_implies_the_scheme(stories_dir, tmp_path):
     assert sorted(p.suffix for p in out.iterdir() if p.suffix != ".png") == [".gguf", ".json"]  # file, report
 
 
+def test_cli_gguf_scheme_implies_the_format(stories_dir, tmp_path):
+    out = tmp_path / "o"
+    rc = main(["--model", str(stories_dir), "--iters", "0", "--disable_opt_rtn", "--scheme", "GGUF:Q4_0",
+               "--output_dir", str(out)])
+    assert rc == 0 and [p.name for p in out.glob("*.gguf")] == ["stories260K-q4_0.gguf"]
+
+
+def test_layer_config_fixes_gguf_types_per_layer(wide_dirs, tmp_path):
+    """Upstream's ``layer_config={"lm_head": "GGUF:Q6_K"}``: an entry that is a GGUF scheme fixes that
+    layer's block type (a file type's own: Q5_K_S -> q5_k), the other layers follow the file type's mix."""
+    from gguf import GGUFReader
+
+    ar = AutoRound(str(wide_dirs[False]), scheme="GGUF:Q4_K_M", iters=0, nsamples=4, seqlen=32, batch_size=4,
+                   layer_config={"lm_head": "GGUF:Q8_0", "model.layers.1.mlp.down_proj": "GGUF:Q5_K_S",
+                                 "model.layers.0.self_attn.v_proj": {"ggml_type": "q2_k"}})
+    ar.quantize_and_save(tmp_path / "o", self_check=False)
+    (f,) = (tmp_path / "o").glob("*.gguf")
+    types = {t.name.removesuffix(".weight"): t.tensor_type.name for t in GGUFReader(str(f)).tensors}
+    assert types["output"] == "Q8_0" and types["blk.1.ffn_down"] == "Q5_K" and types["blk.0.attn_v"] == "Q2_K"
+    assert types["blk.3.ffn_down"] == "Q6_K" and types["blk.1.ffn_up"] == "Q4_K"  # Q4_K_M's mix elsewhere
+    with pytest.raises(ConfigError, match="mixes GGUF and non-GGUF schemes"):
+        AutoRound(str(wide_dirs[False]), scheme="GGUF:Q4_K_M", iters=0, layer_config={"down_proj": "W4A16"})
+
+
 def test_gguf_refusals_before_tuning(stories_dir, tiny_model_dir, tmp_path):
     ar = AutoRound(str(stories_dir), scheme="W4A16G32", iters=0, disable_opt_rtn=True)
     with pytest.raises(ExportError, match="--scheme GGUF:Q4_0"):
@@ -212,7 +236,8 @@ def _expert_weight(model, layer: int, expert: int, proj: str) -> torch.Tensor:
     return getattr(model.model.layers[layer].mlp.experts[expert], proj).weight.detach().float()
 
 
-@pytest.mark.parametrize("family,projs", [("qwen3_moe", ("gate_proj", "up_proj", "down_proj")), ("mixtral", ("w1", "w3", "w2"))])
+@pytest.mark.parametrize("family,projs", [("qwen3_moe", ("gate_proj", "up_proj", "down_proj")), ("mixtral", ("w1", "w3", "w2")),
+                                          ("qwen2_moe", ("gate_proj", "up_proj", "down_proj"))])
 def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path_factory, stories_dir, tmp_path):
     """Every expert of a layer in one [experts, out, in] tensor per projection (ffn_gate/up/down_exps),
     in expert order, with the mix's block type (8 experts: attn_v/attn_k q8_0, attn_output q5_k, as
@@ -226,7 +251,7 @@ def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path
     (f,) = out.glob("*.gguf")
     tensors = _gguf_tensors(f)
     assert not any(".experts." in n or "ffn_gate." in n for n in tensors)
-    types = {n.rsplit(".", 1)[0]: t.tensor_type.name for n, t in tensors.items()}
+    types = {n.removesuffix(".weight"): t.tensor_type.name for n, t in tensors.items() if n.endswith(".weight")}
     # use_more_bits picks layers 0, 3, 6, 7 of 8 for ffn_down under q4_k_m
     assert types["blk.0.ffn_down_exps"] == "Q6_K" and types["blk.1.ffn_down_exps"] == "Q4_K"
     assert types["blk.1.ffn_gate_exps"] == types["blk.1.ffn_up_exps"] == "Q4_K"
@@ -239,8 +264,15 @@ def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path
             assert w.shape == (8, *_expert_weight(model, layer, 0, proj).shape)
             for e in (0, 3, 7):  # each slot holds that expert's quantized weight
                 torch.testing.assert_close(w[e], _expert_weight(model, layer, e, proj), rtol=0, atol=1e-6)
+    if family == "qwen2_moe":  # the shared expert: ffn_down's rule, its gate a float32 vector
+        assert types["blk.0.ffn_down_shexp"] == "Q6_K" and types["blk.1.ffn_down_shexp"] == "Q4_K"
+        assert types["blk.1.ffn_gate_shexp"] == types["blk.1.ffn_up_shexp"] == "Q4_K"
+        gate = tensors["blk.1.ffn_gate_inp_shexp.weight"]
+        assert gate.tensor_type.name == "F32" and list(gate.shape) == [256]
+        torch.testing.assert_close(torch.from_numpy(gate.data.copy()),
+                                   model.model.layers[1].mlp.shared_expert_gate.weight.detach().float().reshape(-1))
     report = json.loads((out / "report.json").read_text())["self_check"][0]
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "qwen2_moe"):
         assert report["status"] == "passed"
         # transformers' reader, with its unread expert size filled in (what the self-check loads)
         from signround.selfcheck import load_saved

@@ -77,10 +77,13 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
 
 WIDE_FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                  "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig",
-                 "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}
+                 "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig"}
 # MoE families: 8 experts of 256 (k-quant rows), top-2 routing renormalized as llama.cpp computes it
 WIDE_MOE = {"qwen3_moe": dict(moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
-            "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2)}
+            "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
+            # Qwen2-MoE: a shared expert beside them; llama.cpp does not renormalize its top-k weights
+            "qwen2_moe": dict(moe_intermediate_size=256, shared_expert_intermediate_size=512, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=False)}
 
 
 def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama", std: float = 0.05,
@@ -108,7 +111,7 @@ def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama
         for p in model.parameters():
             if p.dim() in (2, 3):  # 3-D: fused experts
                 p.normal_(0, std)
-            elif family == "qwen2" and p.dim() == 1 and p.shape[0] != 256:
+            elif family in ("qwen2", "qwen2_moe") and p.dim() == 1 and p.shape[0] != 256:
                 p.normal_(0, std)  # q/k/v biases
             elif family == "gemma3" and p.dim() == 1:
                 p.normal_(0, 0.1)  # norms are stored as 1 + w: a random w checks the shift

@@ -5,7 +5,7 @@ scheme, ``score.py`` the block-by-block sensitivity, ``solve.py`` the exact budg
 ``select.py`` the steps in order.
 """
 
-from .options import AutoScheme, layer_bits
-from .select import LAYER_CONFIG_FILE, Request, Selection, prepare, select, trial_plans
+from .options import AutoScheme, base_spec, layer_bits
+from .select import LAYER_CONFIG_FILE, Request, Selection, prepare, restore, select, trial_plans
 
-__all__ = ["AutoScheme", "LAYER_CONFIG_FILE", "Request", "Selection", "layer_bits", "prepare", "select", "trial_plans"]
+__all__ = ["AutoScheme", "LAYER_CONFIG_FILE", "Request", "Selection", "base_spec", "layer_bits", "prepare", "restore", "select", "trial_plans"]

@@ -72,12 +72,6 @@ def parse_options(options: str | Sequence[Any]) -> list[tuple[str, QuantSpec]]:
     out: list[tuple[str, QuantSpec]] = []
     for item in items:
         name, spec = _option(item)
-        if spec.ggml_type is not None:
-            raise ConfigError(
-                f"AutoScheme option {name}: GGUF types cannot be mixed by AutoScheme yet (a GGUF file's per-tensor "
-                "types come from its llama.cpp mix); use --scheme GGUF:Q2_K_S ... GGUF:Q6_K directly, or integer / "
-                "MXFP / NVFP / BF16 options"
-            )
         if any(spec == s for _, s in out):
             continue
         out.append((name, spec))
@@ -86,7 +80,29 @@ def parse_options(options: str | Sequence[Any]) -> list[tuple[str, QuantSpec]]:
             f"AutoScheme needs at least two different options to choose from, got {[n for n, _ in out] or items}; "
             "example: options='W2A16G64,W3A16G64,W4A16G64'"
         )
+    gguf = [n for n, s in out if s.ggml_type is not None]
+    other = [n for n, s in out if s.quantized and s.ggml_type is None]
+    if gguf and other:
+        raise ConfigError(
+            f"AutoScheme options {gguf[0]} and {other[0]}: a GGUF file holds GGUF block types and floating point "
+            "only, and other formats hold no GGUF types; choose GGUF options (BF16 may join them) or none"
+        )
     return out
+
+
+# llama.cpp file types, cheapest first (llama-quantize's sizes): the dearest GGUF option is the file type
+_FTYPE_ORDER = ["q2_k_s", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_k_s", "q4_k_m", "q4_1", "q5_0",
+                "q5_k_s", "q5_k_m", "q5_1", "q6_k", "q8_0"]
+
+
+def base_spec(specs: list[tuple[str, QuantSpec]]) -> QuantSpec:
+    """The scheme the run's plan starts from (and layer_config entries without a scheme of their own
+    build on): the first quantized option; with GGUF options the dearest, whose file type sets the
+    token embedding's and output's types as llama.cpp's mix of it does."""
+    gguf = [s for _, s in specs if s.ggml_type is not None]
+    if gguf:
+        return max(gguf, key=lambda s: _FTYPE_ORDER.index(s.ggml_type))
+    return next(s for _, s in specs if s.quantized)
 
 
 def _option(item: Any) -> tuple[str, QuantSpec]:
@@ -146,9 +162,11 @@ def layer_bits(spec: QuantSpec, out_features: int, in_features: int, ignore_scal
 def spec_dict(spec: QuantSpec) -> dict[str, Any]:
     """A spec as a ``layer_config`` entry (what ``--layer_config FILE`` reads back)."""
     d = {k: getattr(spec, k) for k in ("bits", "group_size", "sym", "data_type")}
+    if spec.ggml_type is not None:
+        d["ggml_type"] = spec.ggml_type
     if spec.act_quantized:
         d.update({k: getattr(spec, k) for k in ("act_bits", "act_data_type", "act_group_size", "act_dynamic")})
     return d
 
 
-__all__ = ["AutoScheme", "layer_bits", "parse_options", "parse_shared_layers", "spec_dict"]
+__all__ = ["AutoScheme", "base_spec", "layer_bits", "parse_options", "parse_shared_layers", "spec_dict"]

@@ -92,6 +92,7 @@ def score_groups(
     units: dict[str, list[tuple[int, list[str]]]],
     n_groups: int,
     options: list[QuantSpec],
+    layer_specs: dict[str, list[QuantSpec]],
     calib_ids: torch.Tensor,
     cfg: TuneConfig,
     devmap: DeviceMap,
@@ -99,7 +100,8 @@ def score_groups(
     batch_size: int,
     max_cache_bytes: int = MAX_CACHE_BYTES,
 ) -> np.ndarray:
-    """``[n_groups, n_options]`` DeltaLoss; ``units[block]`` lists (group index, its layers in the block)."""
+    """``[n_groups, n_options]`` DeltaLoss; ``units[block]`` lists (group index, its layers in the block);
+    ``layer_specs[layer][o]`` is the layer's spec under option ``o`` (activation terms come from ``options``)."""
     device = devmap.primary
     store = torch.device("cpu") if cfg.low_gpu_mem_usage or device.type == "cpu" else device
     cache = cache_dtype(cfg, device)
@@ -114,13 +116,13 @@ def score_groups(
     sq: dict[str, torch.Tensor] = {}  # the clipping search's input weights, from the first chunk
     for start in range(0, n, chunk):
         ids = calib_ids[start : start + chunk]
-        _score_chunk(model, block_names, units, options, ids, len(ids) / n, cfg, devmap, source,
+        _score_chunk(model, block_names, units, options, layer_specs, ids, len(ids) / n, cfg, devmap, source,
                      min(batch_size, len(ids)), store, cache, scores, sq)
     logger.info("AutoScheme: scoring took %.1f s", time.time() - t0)
     return scores
 
 
-def _score_chunk(model, block_names, units, options, ids, share, cfg, devmap, source, bs, store, cache, scores, sq) -> None:
+def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cfg, devmap, source, bs, store, cache, scores, sq) -> None:
     device = devmap.primary
     amp = amp_dtype(device, cfg)
     act_options = [(o, s) for o, s in enumerate(options) if s.quantized and s.act_quantized]
@@ -184,15 +186,24 @@ def _score_chunk(model, block_names, units, options, ids, share, cfg, devmap, so
                 for grp, members in units.get(block, []):
                     for name in members:
                         w = get_weight(mods[name]).detach().float()
-                        for o, spec in enumerate(options):
-                            if not spec.quantized:
-                                continue
-                            clip_grid, refit_grid = opt_rtn_grids(spec, CLIP_GRID)
-                            mn, mx = search_clip(w, spec, sq.get(name), clip_grid, refit_grid=refit_grid)
-                            wq, _ = qdq(w, spec, min_scale=mn, max_scale=mx)
-                            scores[grp, o] += float((wq - w).abs_().mul_(absgrad[name]).sum())
-                            scores[grp, o] += taps.act.get((name, o), 0.0)
+                        done: list[tuple[QuantSpec, float]] = []  # GGUF options often give a layer one type
+                        for o, spec in enumerate(layer_specs[name]):
+                            err = next((e for s, e in done if s == spec), None)
+                            if err is None:
+                                err = _weight_error(w, spec, sq.get(name), absgrad[name])
+                                done.append((spec, err))
+                            scores[grp, o] += err + taps.act.get((name, o), 0.0)
             del absgrad
+
+
+def _weight_error(w: torch.Tensor, spec: QuantSpec, sq: torch.Tensor | None, absgrad: torch.Tensor) -> float:
+    """``sum |dL/dW| * |Q(W) - W|`` with ``Q`` optimized RTN under ``spec`` (0 for floating point)."""
+    if not spec.quantized:
+        return 0.0
+    clip_grid, refit_grid = opt_rtn_grids(spec, CLIP_GRID)
+    mn, mx = search_clip(w, spec, sq, clip_grid, refit_grid=refit_grid)
+    wq, _ = qdq(w, spec, min_scale=mn, max_scale=mx)
+    return float((wq - w).abs_().mul_(absgrad).sum())
 
 
 def _weight_grad(m: nn.Module) -> torch.Tensor:

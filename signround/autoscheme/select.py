@@ -36,11 +36,14 @@ class Request:
     auto: AutoScheme
     groups: list[list[str]]
     costs: np.ndarray  # [groups, options] bits
-    fixed_bits: float  # layers fixed by layer_config, and a quantized lm_head (the best option)
+    fixed_bits: float  # layers fixed by layer_config, a quantized lm_head (the best option), GGUF's embedding / output
     params: int  # weights counted
     budget: float  # avg_bits (snapped to the range when within 1e-3 of an end)
     group_numel: list[int] = field(default_factory=list)
     fixed: dict[str, QuantSpec] = field(default_factory=dict)  # set here: lm_head
+    # each chosen layer's spec under each option: the option itself, or for a GGUF option the block
+    # type llama.cpp's mix of that file type gives the layer
+    layer_specs: dict[str, list[QuantSpec]] = field(default_factory=dict)
 
     @property
     def options(self) -> list[QuantSpec]:
@@ -53,7 +56,7 @@ class Request:
     def specs_for(self, chosen: list[int]) -> dict[str, QuantSpec]:
         out = dict(self.fixed)
         for g, o in enumerate(chosen):
-            out.update({n: self.options[o] for n in self.groups[g]})
+            out.update({n: self.layer_specs[n][o] for n in self.groups[g]})
         return out
 
 
@@ -61,14 +64,20 @@ def prepare(auto: AutoScheme, model: nn.Module, plan: QuantPlan, default: QuantS
     """Everything checked before scoring: the layers to choose for (those the plan gave ``default``,
     i.e. not fixed by layer_config / ignore_layers), the groups, and the budget against the range
     the options span."""
-    if plan.ggml_ftype:
-        raise ConfigError("AutoScheme cannot be combined with a GGUF layer_config; give GGUF schemes directly")
-    inside = [n for b in plan.block_names for n in plan.block_layers[b]]
-    searched = [n for n in inside if plan.specs[n] is default]
+    options = [s for _, s in auto.specs]
+    free = set(plan.defaulted)
+    searched = [n for b in plan.block_names for n in plan.block_layers[b] if n in free]
+    if plan.ggml_ftype:  # GGUF options: each layer's type is what the option's mix gives it
+        from ..export.gguf.mixes import Mix
+
+        mix = Mix(model)
+        layer_specs = {n: [mix.spec(s.ggml_type, n) if s.ggml_type else s for s in options] for n in searched}
+    else:
+        layer_specs = {n: list(options) for n in searched}
+    searched = [n for n in searched if any(s.quantized for s in layer_specs[n])]  # rows no GGUF type divides
     if not searched:
         raise ConfigError("AutoScheme has no layer to choose for: layer_config / ignore_layers fix every block layer")
-    options = [s for _, s in auto.specs]
-    shape = {n: in_out_features(get_module(model, n)) for n in plan.specs}
+    shape = {n: in_out_features(get_module(model, n)) for n in [*plan.specs, *plan.ggml_extras]}
 
     def bits(name: str, spec: QuantSpec) -> float:
         in_f, out_f = shape[name]
@@ -78,11 +87,12 @@ def prepare(auto: AutoScheme, model: nn.Module, plan: QuantPlan, default: QuantS
     head = plan.lm_head
     if head and plan.specs.get(head) is default:  # --quant_lm_head: not searched, the best option
         fixed[head] = max(options, key=lambda s: bits(head, s))
-    counted = [n for n, s in plan.specs.items() if n not in searched and (s.quantized or n in fixed)]
-    fixed_bits = sum(bits(n, fixed.get(n, plan.specs[n])) for n in counted)
-    params = sum(shape[n][0] * shape[n][1] for n in searched + counted)
+    counted = {n: fixed.get(n, s) for n, s in plan.specs.items() if n not in layer_specs and (s.quantized or n in fixed)}
+    counted.update(plan.ggml_extras)  # GGUF's token embedding / output, typed by the file type (the dearest option)
+    fixed_bits = sum(bits(n, s) for n, s in counted.items())
+    params = sum(shape[n][0] * shape[n][1] for n in [*searched, *counted])
     groups = scheme_groups(plan.block_layers, searched, auto.shared_layers)
-    costs = np.array([[sum(bits(n, s) for n in g) for s in options] for g in groups])
+    costs = np.array([[sum(bits(n, layer_specs[n][o]) for n in g) for o in range(len(options))] for g in groups])
     lo, hi = (fixed_bits + costs.min(1).sum()) / params, (fixed_bits + costs.max(1).sum()) / params
     target = float(auto.avg_bits)
     target = lo if abs(target - lo) < 1e-3 else hi if abs(target - hi) < 1e-3 else target
@@ -92,23 +102,23 @@ def prepare(auto: AutoScheme, model: nn.Module, plan: QuantPlan, default: QuantS
             f"AutoScheme avg_bits {auto.avg_bits:g} is outside what the options reach on this model: "
             f"{lo:.3f} ... {hi:.3f} bits (every chosen layer at one option: {per}"
             f"{'; scale and zero-point bits included, --ignore_scale_zp_bits leaves them out' if not auto.ignore_scale_zp_bits else ''}"
-            f"{'; layers fixed by layer_config count too' if counted else ''}); pick a budget inside that range or "
+            f"{'; fixed layers count too: ' + ', '.join(list(counted)[:3]) if counted else ''}); pick a budget inside that range or "
             "other options"
         )
     numel = [sum(shape[n][0] * shape[n][1] for n in g) for g in groups]
-    return Request(auto, groups, costs, fixed_bits, params, target, numel, fixed)
+    return Request(auto, groups, costs, fixed_bits, params, target, numel, fixed,
+                   {n: layer_specs[n] for n in searched})
 
 
 def trial_plans(plan: QuantPlan, req: Request) -> list[tuple[str, QuantPlan]]:
     """Plans the chosen formats must be able to hold whatever the choice: every layer at each
-    option, and the options mixed (layers taking them in turn)."""
+    option, and the options mixed (groups taking them in turn)."""
     out = []
-    names = [n for g in req.groups for n in g]
-    for label, spec in req.auto.specs:
-        out.append((label, dataclasses.replace(plan, specs={**plan.specs, **req.fixed, **{n: spec for n in names}})))
-    mixed = {n: req.options[i % len(req.options)] for i, n in enumerate(names)}
+    for o, (label, _) in enumerate(req.auto.specs):
+        out.append((label, dataclasses.replace(plan, specs={**plan.specs, **req.specs_for([o] * len(req.groups))})))
+    mixed = [g % len(req.options) for g in range(len(req.groups))]
     out.append(("a mix of " + ", ".join(n for n, _ in req.auto.specs),
-                dataclasses.replace(plan, specs={**plan.specs, **req.fixed, **mixed})))
+                dataclasses.replace(plan, specs={**plan.specs, **req.specs_for(mixed)})))
     return out
 
 
@@ -144,16 +154,35 @@ def select(req: Request, model: nn.Module, plan: QuantPlan, calib_ids: torch.Ten
     """Score every group at every option block by block, then the exact budgeted choice."""
     t0 = time.time()
     bs = req.auto.batch_size or cfg.batch_size
-    scores = score_groups(model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options, calib_ids,
-                          cfg, devmap, source, min(bs, calib_ids.shape[0]))
+    scores = score_groups(model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options,
+                          req.layer_specs, calib_ids, cfg, devmap, source, min(bs, calib_ids.shape[0]))
     chosen = choose(req.costs, scores, req.budget * req.params - req.fixed_bits)
+    sel = _selection(req, chosen, scores, time.time() - t0)
+    logger.info("%s", format_table(sel, [n for n, _ in req.auto.specs]))
+    return sel
+
+
+def _selection(req: Request, chosen: list[int], scores: np.ndarray, seconds: float) -> Selection:
     names = [n for n, _ in req.auto.specs]
     rows = []
     for g, o in enumerate(chosen):
         rows.append({"layers": req.groups[g], "option": names[o], "bits": round(float(req.costs[g, o]) / req.group_numel[g], 4),
                      "score": float(scores[g, o]), "scores": {names[i]: float(scores[g, i]) for i in range(len(names))}})
-    sel = Selection(req.specs_for(chosen), req.avg_bits(chosen), req.budget, rows, time.time() - t0)
-    logger.info("%s", format_table(sel, names))
+    return Selection(req.specs_for(chosen), req.avg_bits(chosen), req.budget, rows, seconds)
+
+
+def restore(req: Request, record: dict[str, Any]) -> Selection:
+    """The choice an interrupted run made (its ``Selection.record()``), for a resumed run: no scoring."""
+    names = [n for n, _ in req.auto.specs]
+    rows = {tuple(r["layers"]): r for r in record.get("groups", [])}
+    picked = [rows.get(tuple(g)) for g in req.groups]
+    if any(r is None or r["option"] not in names for r in picked):
+        raise ConfigError("--resume: the interrupted run's AutoScheme choice does not cover this run's layers and "
+                          "options; rerun with its settings, or use --start_over to discard it")
+    chosen = [names.index(r["option"]) for r in picked]
+    scores = np.array([[r["scores"][n] for n in names] for r in picked])
+    sel = _selection(req, chosen, scores, float(record.get("seconds", 0.0)))
+    logger.info("AutoScheme: the interrupted run's choice is reused (%.3f average bits, no scoring)", sel.avg_bits)
     return sel
 
 

@@ -157,6 +157,8 @@ class GGUFFile:
             data = t.detach().to(torch.float16 if half else torch.float32)
             if self.fam.norm_shift and target.endswith("norm.weight"):
                 data = data + self.fam.norm_shift
+            if target.endswith("ffn_gate_inp_shexp.weight"):
+                data = data.reshape(-1)  # [1, hidden] -> the vector llama.cpp reads
             dtype = qt.F16 if half else qt.F32
         if heads:
             data = permute_rows(data, heads)

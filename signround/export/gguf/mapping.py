@@ -74,6 +74,12 @@ _GEMMA3_TENSORS = {
 # keeps it) and the experts stacked per projection
 _ROUTER = {"model.layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight"}
 _STACKED = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+# Qwen2-MoE's shared expert and its sigmoid gate (a [1, hidden] Linear, a 1-D tensor in llama.cpp)
+_SHARED = {
+    **{f"model.layers.{{i}}.mlp.shared_expert.{p}_proj.weight": f"blk.{{i}}.ffn_{p}_shexp.weight"
+       for p in ("gate", "up", "down")},
+    "model.layers.{i}.mlp.shared_expert_gate.weight": "blk.{i}.ffn_gate_inp_shexp.weight",
+}
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
@@ -83,6 +89,7 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("phi3", False, _PHI3_TENSORS),
     "gemma3_text": Family("gemma3", False, _GEMMA3_TENSORS, norm_shift=1.0),
     "qwen3_moe": Family("qwen3moe", False, {**_LLAMA_TENSORS, **_QK_NORM, **_ROUTER}, experts=_STACKED),
+    "qwen2_moe": Family("qwen2moe", False, {**_LLAMA_TENSORS, **_BIASES, **_ROUTER, **_SHARED}, experts=_STACKED),
     # Mixtral is llama.cpp's llama architecture with experts (w1 gate, w3 up, w2 down)
     "mixtral": Family("llama", True, {**_LLAMA_TENSORS, **_ROUTER},
                       experts={"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}),
@@ -180,16 +187,23 @@ def _gemma3(config: Any, head_dim: int, swa_rope: dict | None) -> list[tuple[str
 
 
 def _moe(fam: Family, config: Any) -> list[tuple[str, Any]]:
-    # llama.cpp renormalizes the top-k routing weights of these architectures (softmax gating)
-    if getattr(config, "norm_topk_prob", True) is False:
-        raise ExportError("this MoE config does not renormalize its top-k routing weights (norm_topk_prob=false), "
-                          "but llama.cpp's graph for it does; use --format auto_round")
+    # llama.cpp renormalizes the top-k routing weights of qwen3moe and llama (Mixtral), not qwen2moe's
+    renorm = fam.arch != "qwen2moe"
+    if bool(getattr(config, "norm_topk_prob", renorm)) != renorm:
+        raise ExportError(f"this MoE config {'does not renormalize' if renorm else 'renormalizes'} its top-k routing "
+                          f"weights (norm_topk_prob={not renorm}), but llama.cpp's {fam.arch} graph "
+                          f"{'does' if renorm else 'does not'}; use --format auto_round")
+    if fam.arch == "qwen2moe" and getattr(config, "tie_word_embeddings", False):
+        raise ExportError("llama.cpp's qwen2moe graph needs its own output tensor, and this config ties it to the "
+                          "embedding; use --format auto_round")
     if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
         raise ExportError("this MoE config has dense MLP layers between its MoE layers, which llama.cpp's "
                           f"{fam.arch} graph does not build; use --format auto_round")
     kv = [("add_expert_count", n_experts(config)), ("add_expert_used_count", int(config.num_experts_per_tok))]
     if getattr(config, "moe_intermediate_size", None):
         kv.append(("add_expert_feed_forward_length", int(config.moe_intermediate_size)))
+    if getattr(config, "shared_expert_intermediate_size", None):
+        kv.append(("add_expert_shared_feed_forward_length", int(config.shared_expert_intermediate_size)))
     return kv
 
 

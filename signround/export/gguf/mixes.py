@@ -8,7 +8,8 @@ The rules follow llama.cpp's ``llama_tensor_get_type`` (not Falcon):
 * an untied token embedding gets the file type's block type;
 * the _S/_M/_L mixes give more bits to attn_v, ffn_down, attn_output and fused attn_qkv in the
   layers ``use_more_bits`` picks (the first and last eighth and every third in between);
-* stacked expert tensors follow their role's rule (``ffn_down_exps`` is an ``ffn_down``); with exactly
+* stacked expert and shared-expert tensors follow their role's rule (``ffn_down_exps`` and
+  ``ffn_down_shexp`` are ``ffn_down``s); with exactly
   8 experts (Mixtral's shape) attn_v and attn_k get q8_0 and attn_output q5_k in the q2_k..q4_k_m
   mixes instead of the dense rules;
 * a row length a 256-block type does not divide falls back to a 32-block type
@@ -43,7 +44,7 @@ def _more_bits(i: int, n: int) -> bool:
 def _mixed(ftype: str, role: str, i: int, n: int, n_gqa: int, n_expert: int = 0) -> str | None:
     """The block type a mix gives a block tensor of this role in layer ``i`` of ``n``, or None for
     the file type's own block type."""
-    role = role.removesuffix("_exps")
+    role = role.removesuffix("_exps").removesuffix("_shexp")  # llama.cpp matches ffn_down in every name
     if n_expert == 8 and role in ("attn_v", "attn_k"):
         return "q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
     if n_expert == 8 and role == "attn_output":
@@ -100,53 +101,77 @@ def _spec(ggml_type: str | None) -> QuantSpec:
     return GGML_SPECS[ggml_type] if ggml_type else QuantSpec(bits=FP_BITS)
 
 
-def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | None) -> tuple[str | None, dict[str, QuantSpec]]:
-    """Give every GGUF layer in ``specs`` its block type (in place); return the file type and the
-    specs of the embedding / output tensors the file type quantizes (applied with RTN after tuning).
+class Mix:
+    """llama.cpp's per-tensor choice on one model: the block type a file type gives each layer."""
 
-    The output layer leaves the tuned set: its type is fixed by the file type, and with tied
-    embeddings it is the embedding, quantized once for both uses, as llama.cpp stores it.
+    def __init__(self, model: nn.Module):
+        config = model.config.get_text_config()
+        self.model = model
+        self.fam = family_of(model.config)
+        self.n_layer = config.num_hidden_layers
+        self.n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None)
+                                                    or config.num_attention_heads)
+        self.tied = tied_lm_head(model)
+        self.n_expert = n_experts(config)
+
+    def spec(self, ftype: str, name: str, gguf_tensor: str | None = None) -> QuantSpec:
+        """The spec file type ``ftype``'s rules give layer ``name`` (a row no block divides: floating point)."""
+        n_cols = get_weight(get_module(self.model, name)).shape[1]
+        target = gguf_tensor or gguf_name(self.fam, name + ".weight") or ""
+        return _spec(tensor_type(ftype, target, n_cols, self.n_layer, self.n_gqa, self.tied, self.n_expert))
+
+    def fixed(self, ggml_type: str, name: str) -> QuantSpec:
+        """Layer ``name`` given a type by layer_config: a block type as it is (q2_k), a file type's own
+        block type (q4_k_m: q4_k), with the fallback its row length needs."""
+        n_cols = get_weight(get_module(self.model, name)).shape[1]
+        return _spec(with_fallback(GGUF_FTYPES.get(ggml_type, ggml_type), n_cols))
+
+
+def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | None,
+                default: QuantSpec) -> tuple[str | None, dict[str, QuantSpec]]:
+    """Give every GGUF layer in ``specs`` its block type (in place); return the file type (the default
+    scheme's) and the specs of the embedding / output tensors the file type quantizes (applied with
+    RTN after tuning).
+
+    Layers of the default scheme get the types its mix gives them; a layer_config entry that is a
+    GGUF scheme or block type fixes that layer's type (``{"lm_head": "GGUF:Q8_0"}``: the output in
+    q8_0; AutoScheme's saved choices are block types). The output layer leaves the tuned set: with
+    tied embeddings it is the embedding, quantized once for both uses, as llama.cpp stores it.
     """
-    ftypes = {s.ggml_type for s in specs.values() if s.quantized and s.ggml_type is not None}
-    if not ftypes:
+    ggml = {n: s for n, s in specs.items() if s.quantized and s.ggml_type is not None}
+    if not ggml:
         return None, {}
-    if len(ftypes) > 1 or any(s.quantized and s.ggml_type is None for s in specs.values()):
+    other = sorted(n for n, s in specs.items() if s.quantized and s.ggml_type is None)
+    if default.ggml_type is None or other:
         raise ConfigError(
-            f"a GGUF file has one file type; the layer_config mixes {sorted(ftypes)} with non-GGUF schemes or "
-            "other GGUF types: use one GGUF scheme (its mix sets per-tensor types) and {'bits': 16} entries only"
+            "a GGUF file holds GGUF block types and floating point only; this run mixes GGUF and non-GGUF schemes "
+            f"({', '.join((other or sorted(ggml))[:3])}): give the GGUF scheme as --scheme (it is the file type), "
+            "and layer_config entries that are GGUF schemes or {'bits': 16}"
         )
-    (ftype,) = ftypes
-    config = model.config.get_text_config()
-    fam = family_of(model.config)
-    n_layer = config.num_hidden_layers
-    n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    tied = tied_lm_head(model)
-    n_expert = n_experts(config)
+    ftype = default.ggml_type
+    mix = Mix(model)
     kept = []
-    for name, spec in specs.items():
-        if not spec.quantized or name == lm_head:
+    for name, spec in ggml.items():
+        if name == lm_head:
             continue
-        n_cols = get_weight(get_module(model, name)).shape[1]
-        target = gguf_name(fam, name + ".weight")
-        t = tensor_type(ftype, target or "", n_cols, n_layer, n_gqa, tied, n_expert)
-        if t is None:
-            kept.append(f"{name} ({n_cols} inputs)")
-        specs[name] = _spec(t)
+        specs[name] = mix.spec(ftype, name) if spec is default else mix.fixed(spec.ggml_type, name)
+        if not specs[name].quantized:
+            kept.append(f"{name} ({get_weight(get_module(model, name)).shape[1]} inputs)")
     if kept:
         logger.warning("kept in floating point, no ggml block type divides their rows: %s", ", ".join(kept))
-    if lm_head is not None and lm_head in specs:
-        specs[lm_head] = QuantSpec(bits=FP_BITS)
     extras: dict[str, QuantSpec] = {}
-    emb_name = _module_name(model, model.get_input_embeddings())
-    emb_cols = model.get_input_embeddings().weight.shape[1]
-    t = tensor_type(ftype, "token_embd.weight", emb_cols, n_layer, n_gqa, tied)
+    emb = model.get_input_embeddings()
+    emb_name = _module_name(model, emb)
+    t = tensor_type(ftype, "token_embd.weight", emb.weight.shape[1], mix.n_layer, mix.n_gqa, mix.tied)
     if t is not None:
         extras[emb_name] = _spec(t)
-    if lm_head is not None and not tied:
-        head = get_module(model, lm_head)
-        t = tensor_type(ftype, "output.weight", get_weight(head).shape[1], n_layer, n_gqa, tied)
-        if t is not None:
-            extras[lm_head] = _spec(t)
+    if lm_head is not None and lm_head in specs:
+        own = specs[lm_head] if specs[lm_head].quantized and specs[lm_head] is not default else None
+        specs[lm_head] = QuantSpec(bits=FP_BITS)
+        if not mix.tied:
+            head = mix.fixed(own.ggml_type, lm_head) if own else mix.spec(ftype, lm_head, "output.weight")
+            if head.quantized:
+                extras[lm_head] = head
     return ftype, extras
 
 
