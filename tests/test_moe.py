@@ -22,8 +22,11 @@ ON_DISK = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
            "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
            "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
            # fused on disk (gate/up interleaved, biases): split per expert as upstream auto-round splits it
-           "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
-ROUTER = {"gpt_oss": "router"}  # the others' is "gate"
+           "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+           # fused on disk (gate columns, then up; inputs scaled by the routing weight), a shared expert
+           "llama4": ("feed_forward", ("gate_proj", "up_proj", "down_proj"))}
+ROUTER = {"gpt_oss": "router", "llama4": "router"}  # the others' is "gate"
+SHARED = {"qwen2_moe": 3, "llama4": 3}  # shared expert projections per block
 
 
 def ids(n=8, seqlen=32, seed=0):
@@ -42,8 +45,9 @@ def test_unfused_experts_compute_what_the_fused_ones_do(arch):
         for p in model.parameters():
             p.normal_(0, 0.1)
     ref = logits(model, 128)
-    assert unfuse_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-    experts = model.model.layers[0].mlp.experts
+    moe = "feed_forward" if arch == "llama4" else "mlp"  # the module's name in transformers 5
+    assert unfuse_experts(model) == [f"model.layers.0.{moe}.experts", f"model.layers.1.{moe}.experts"]
+    experts = model.get_submodule(f"model.layers.0.{moe}.experts")
     assert isinstance(experts, UnfusedExperts) and len(experts) == EXPERTS
     gate, up, down = ON_DISK[arch][1]
     assert {n for n, m in experts[3].named_children() if isinstance(m, torch.nn.Linear)} == {gate, up, down}
@@ -54,11 +58,11 @@ def test_unfused_experts_compute_what_the_fused_ones_do(arch):
 def test_every_expert_is_quantized_stored_per_expert_and_loads_back(arch, tiny_model_dir, tmp_path):
     src = tiny_model_dir(arch)
     ar = AutoRound(str(src), scheme="W4A16", group_size=16, iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
-    per_block = 4 + 3 * EXPERTS + (3 if arch == "qwen2_moe" else 0)  # attention, experts, shared expert
+    per_block = 4 + 3 * EXPERTS + SHARED.get(arch, 0)  # attention, experts, shared expert
     assert len(ar.plan.quantized) == 2 * per_block
     kept = [n for n, s in ar.plan.specs.items() if not s.quantized]
-    assert kept == (["model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"]
-                    if arch == "qwen2_moe" else []) + ["lm_head"]
+    routers = {"qwen2_moe": "mlp.shared_expert_gate", "llama4": "feed_forward.router"}  # Linear routers
+    assert kept == ([f"model.layers.{b}.{routers[arch]}" for b in (0, 1)] if arch in routers else []) + ["lm_head"]
     out = tmp_path / "q"
     ar.quantize_and_save(out)
     moe, (gate, up, down) = ON_DISK[arch]
@@ -206,5 +210,23 @@ def test_gpt_oss_experts_fused_on_disk_stream_slice_by_slice(tiny_model_dir, tmp
     assert "model.layers.1.mlp.experts.7.up_proj.bias" in keys and "model.layers.1.mlp.experts.7.up_proj.qweight" in keys
     loaded = load_quantized(str(tmp_path / "streamed" / "auto_round"))
     torch.testing.assert_close(logits(loaded, 128), logits(whole.model, 128), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExportError, match="fake.*auto_round"):
+        AutoRound(str(src), iters=0, disable_opt_rtn=True).quantize_and_save(tmp_path / "f", format="fake")
+
+
+def test_llama4_experts_fused_on_disk_stream_and_get_only_their_routed_tokens(tiny_model_dir, tmp_path):
+    """Llama 4 stores its experts fused (gate columns, then up): streaming reads each expert's
+    slice, the files equal a whole-model run's and load back; each expert is tuned on the tokens
+    routed to it (top-1: one per token), not on every token as Llama4TextMoe computes them."""
+    src = tiny_model_dir("llama4")
+    streamed, whole = run_both(src, tmp_path, "auto_round,auto_gptq", scheme="W4A16", group_size=16, iters=2,
+                               dataset=ids(4, 16), **FAST)
+    counts = streamed.result.block_stats["model.layers.0"]["expert_tokens"]["feed_forward.experts"]
+    assert len(counts) == EXPERTS and sum(counts) == 4 * 16
+    keys = file_keys(tmp_path / "streamed" / "auto_gptq")
+    assert "model.layers.1.feed_forward.experts.7.up_proj.qweight" in keys and not any("gate_up_proj" in k for k in keys)
+    for fmt in ("auto_round", "auto_gptq"):
+        loaded = load_quantized(str(tmp_path / "streamed" / fmt))
+        torch.testing.assert_close(logits(loaded, 128), logits(whole.model, 128), rtol=1e-4, atol=1e-4)
     with pytest.raises(ExportError, match="fake.*auto_round"):
         AutoRound(str(src), iters=0, disable_opt_rtn=True).quantize_and_save(tmp_path / "f", format="fake")

@@ -55,6 +55,11 @@ def _moe_configs():
         "gpt_oss": lambda: t.GptOssConfig(intermediate_size=48, num_local_experts=8, head_dim=16, sliding_window=16,
                                           layer_types=["sliding_attention", "full_attention"],
                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **MOE_COMMON),
+        # fused on disk (gate columns, then up), top-1 sigmoid routing that scales the expert's input,
+        # a shared expert; the MoE layer is named feed_forward
+        "llama4": lambda: t.Llama4TextConfig(intermediate_size=48, intermediate_size_mlp=80, num_local_experts=8,
+                                             head_dim=16, interleave_moe_layer_step=1,
+                                             **{**MOE_COMMON, "num_experts_per_tok": 1}),
     }
 
 

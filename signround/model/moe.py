@@ -12,8 +12,12 @@ The layout is read from the model's own conversion mapping, so only layouts tran
 splits per expert are unfused that way. gpt-oss, whose checkpoints store the experts fused
 (``experts.gate_up_proj`` ``[E, H, 2I]`` with gate and up columns interleaved, biases, a clamped
 SwiGLU), is split into :class:`GptOssExpertMLP` modules named ``experts.7.gate_proj`` /
-``up_proj`` / ``down_proj``, the per-expert layout upstream auto-round writes for it. Any other
-fused experts module is left alone and :func:`fused_experts_left` names it.
+``up_proj`` / ``down_proj``, the per-expert layout upstream auto-round writes for it. Llama 4,
+fused on disk too (``gate_up_proj`` ``[E, H, 2I]``: gate columns, then up columns), is split the
+same way, and its MoE layer becomes :class:`Llama4MoE`, which hands each expert only its routed
+tokens (Llama 4 scales an expert's inputs by the routing weight, not its outputs, and its own layer
+runs every expert on every token). Any other fused experts module is left alone and
+:func:`fused_experts_left` names it.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class UnfusedExperts(nn.ModuleList):
 
     counts: list[int] | None = None  # tokens routed to each expert, while RoutedTokens counts
     calibrate_all = False  # every expert computes every token (upstream's calibrate_all_experts)
+    scale_inputs = False  # Llama 4: the routing weight scales an expert's input, not its output
+    on_disk: str | None = None  # "gpt_oss" / "llama4": the checkpoint stores these experts fused
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -89,14 +95,42 @@ class UnfusedExperts(nn.ModuleList):
             pos, tok = torch.where(top_k_index.T == e)
             if self.counts is not None:
                 self.counts[e] += tok.numel()
-            if self.calibrate_all:  # hooks (importance, activation ranges) see every token
-                y = expert(hidden_states)[tok]
-            elif tok.numel() == 0:
+            if tok.numel() == 0 and not self.calibrate_all:
                 continue
+            w = top_k_weights[tok, pos, None]
+            if self.scale_inputs:
+                if self.calibrate_all:  # hooks see every token; the routed ones as the expert gets them
+                    x = hidden_states.clone()
+                    x[tok] = x[tok] * w
+                    y = expert(x)[tok]
+                else:
+                    y = expert(hidden_states[tok] * w)
             else:
-                y = expert(hidden_states[tok])
-            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+                # calibrate_all: hooks (importance, activation ranges) see every token
+                y = (expert(hidden_states)[tok] if self.calibrate_all else expert(hidden_states[tok])) * w
+            out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+
+class Llama4MoE(nn.Module):
+    """Llama 4's MoE layer with :class:`UnfusedExperts`: the router's top-k experts per token, each
+    fed the token scaled by its sigmoid routing weight, summed, plus the shared expert
+    (``Llama4TextMoe`` computes the same, running every expert on every token)."""
+
+    def __init__(self, moe: nn.Module, experts: UnfusedExperts):
+        super().__init__()
+        self.top_k, self.hidden_dim = moe.top_k, moe.hidden_dim
+        self.router, self.shared_expert, self.experts = moe.router, moe.shared_expert, experts
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        logits = self.router(x)  # Llama4Router returns (scores, logits); a wrapped router the logits
+        logits = logits[1] if isinstance(logits, tuple) else logits
+        top_value, top = torch.topk(logits, self.top_k, dim=1)
+        routed = self.experts(x, top, torch.sigmoid(top_value.float()).to(x.dtype))
+        out = self.shared_expert(x)
+        out.add_(routed)
+        return out, logits
 
 
 def _is_fused(module: nn.Module) -> bool:
@@ -151,11 +185,18 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     layout = expert_layout(model)
     done = []
     for name, mod in fused:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if type(mod).__name__ == "Llama4TextExperts" and type(parent).__name__ == "Llama4TextMoe":
+            new = _unfuse_llama4(mod)
+            if new is not None:  # the whole MoE layer: its forward scales the experts' inputs
+                grand_name, _, parent_leaf = parent_name.rpartition(".")
+                setattr(model.get_submodule(grand_name) if grand_name else model, parent_leaf, Llama4MoE(parent, new))
+                done.append(name)
+            continue
         new = _unfuse_gpt_oss(mod) if _is_gpt_oss(mod) else _unfuse(mod, layout) if layout else None
         if new is None:
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
         done.append(name)
     if done:
@@ -206,6 +247,7 @@ def _unfuse_gpt_oss(mod: nn.Module) -> UnfusedExperts | None:
     if tuple(dn.shape) != (n_exp, inter, hidden):
         return None
     new = UnfusedExperts()
+    new.on_disk = "gpt_oss"
     for e in range(n_exp):
         ex = GptOssExpertMLP(hidden, inter, float(mod.alpha), float(mod.limit), gu.dtype, gu.device)
         if not gu.is_meta:
@@ -216,6 +258,27 @@ def _unfuse_gpt_oss(mod: nn.Module) -> UnfusedExperts | None:
                 ex.gate_proj.bias.copy_(gub[e, ::2])
                 ex.up_proj.bias.copy_(gub[e, 1::2])
                 ex.down_proj.bias.copy_(dnb[e])
+        new.append(_frozen(ex))
+    return new
+
+
+def _unfuse_llama4(mod: nn.Module) -> UnfusedExperts | None:
+    """Llama 4: ``gate_up_proj`` ``[E, H, 2I]`` in x out (gate columns, then up columns),
+    ``down_proj`` ``[E, I, H]``, no biases."""
+    gu, dn = mod.gate_up_proj, mod.down_proj
+    n_exp, hidden, two_inter = gu.shape
+    inter = two_inter // 2
+    if tuple(dn.shape) != (n_exp, inter, hidden):
+        return None
+    new = UnfusedExperts()
+    new.scale_inputs, new.on_disk = True, "llama4"
+    for e in range(n_exp):
+        ex = ExpertMLP(ExpertLayout(), hidden, inter, mod.act_fn, gu.dtype, gu.device)
+        if not gu.is_meta:
+            with torch.no_grad():
+                ex.gate_proj.weight.copy_(gu[e, :, :inter].T)
+                ex.up_proj.weight.copy_(gu[e, :, inter:].T)
+                ex.down_proj.weight.copy_(dn[e].T)
         new.append(_frozen(ex))
     return new
 
@@ -280,31 +343,38 @@ class RoutedTokens:
 
 
 def fused_sources(model: nn.Module) -> dict[str, tuple[str, int, object]]:
-    """Where a per-expert tensor of an unfused gpt-oss layer lies in a checkpoint that stores the
-    experts fused: model name -> (fused tensor name, expert index, what turns that expert's slice
-    into the tensor). Streaming reads one expert's slice at a time through it."""
+    """Where a per-expert tensor of an unfused gpt-oss / Llama 4 layer lies in a checkpoint that
+    stores the experts fused: model name -> (fused tensor name, expert index, what turns that
+    expert's slice into the tensor). Streaming reads one expert's slice at a time through it."""
     def pick(cols: slice, transpose: bool):
         return lambda t: (t[..., cols].T if transpose else t[..., cols]).contiguous()
 
     out: dict[str, tuple[str, int, object]] = {}
     every = slice(None)
     for name, mod in model.named_modules():
-        if not isinstance(mod, UnfusedExperts) or not len(mod) or not isinstance(mod[0], GptOssExpertMLP):
+        if not isinstance(mod, UnfusedExperts) or not len(mod) or mod.on_disk is None:
             continue
+        inter = mod[0].gate_proj.out_features
+        # gpt-oss interleaves gate and up columns; Llama 4 puts all gate columns first
+        gate, up = ((slice(0, None, 2), slice(1, None, 2)) if mod.on_disk == "gpt_oss"
+                    else (slice(0, inter), slice(inter, None)))
         for e in range(len(mod)):
             p = f"{name}.{e}"
             out.update({
-                f"{p}.gate_proj.weight": (f"{name}.gate_up_proj", e, pick(slice(0, None, 2), True)),
-                f"{p}.up_proj.weight": (f"{name}.gate_up_proj", e, pick(slice(1, None, 2), True)),
+                f"{p}.gate_proj.weight": (f"{name}.gate_up_proj", e, pick(gate, True)),
+                f"{p}.up_proj.weight": (f"{name}.gate_up_proj", e, pick(up, True)),
                 f"{p}.down_proj.weight": (f"{name}.down_proj", e, pick(every, True)),
-                f"{p}.gate_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(slice(0, None, 2), False)),
-                f"{p}.up_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(slice(1, None, 2), False)),
-                f"{p}.down_proj.bias": (f"{name}.down_proj_bias", e, pick(every, False)),
             })
+            if mod.on_disk == "gpt_oss":
+                out.update({
+                    f"{p}.gate_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(gate, False)),
+                    f"{p}.up_proj.bias": (f"{name}.gate_up_proj_bias", e, pick(up, False)),
+                    f"{p}.down_proj.bias": (f"{name}.down_proj_bias", e, pick(every, False)),
+                })
     return out
 
 
 def experts_fused_on_disk(model: nn.Module) -> bool:
-    """Experts transformers keeps fused in its own checkpoints too (gpt-oss): per-expert files are
-    read by signround's and upstream's loaders, not by plain transformers."""
-    return any(isinstance(m, GptOssExpertMLP) for m in model.modules())
+    """Experts transformers keeps fused in its own checkpoints too (gpt-oss, Llama 4): per-expert
+    files are read by signround's and upstream's loaders, not by plain transformers."""
+    return any(isinstance(m, UnfusedExperts) and m.on_disk is not None for m in model.modules())
