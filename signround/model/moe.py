@@ -188,13 +188,13 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if type(mod).__name__ == "Llama4TextExperts" and type(parent).__name__ == "Llama4TextMoe":
-            new = _unfuse_llama4(mod)
+            new = _unfuse_on_disk(mod, "llama4")
             if new is not None:  # the whole MoE layer: its forward scales the experts' inputs
                 grand_name, _, parent_leaf = parent_name.rpartition(".")
                 setattr(model.get_submodule(grand_name) if grand_name else model, parent_leaf, Llama4MoE(parent, new))
                 done.append(name)
             continue
-        new = _unfuse_gpt_oss(mod) if _is_gpt_oss(mod) else _unfuse(mod, layout) if layout else None
+        new = _unfuse_on_disk(mod, "gpt_oss") if _is_gpt_oss(mod) else _unfuse(mod, layout) if layout else None
         if new is None:
             continue
         setattr(parent, leaf, new)
@@ -238,47 +238,38 @@ def _is_gpt_oss(mod: nn.Module) -> bool:
         isinstance(getattr(mod, a, None), torch.Tensor) for a in ("gate_up_proj_bias", "down_proj_bias"))
 
 
-def _unfuse_gpt_oss(mod: nn.Module) -> UnfusedExperts | None:
-    """gpt-oss: ``gate_up_proj`` ``[E, H, 2I]`` in x out, gate in the even columns and up in the odd
-    ones, ``down_proj`` ``[E, I, H]``, biases ``[E, 2I]`` / ``[E, H]``."""
-    gu, gub, dn, dnb = mod.gate_up_proj, mod.gate_up_proj_bias, mod.down_proj, mod.down_proj_bias
-    n_exp, hidden, two_inter = gu.shape
-    inter = two_inter // 2
-    if tuple(dn.shape) != (n_exp, inter, hidden):
-        return None
-    new = UnfusedExperts()
-    new.on_disk = "gpt_oss"
-    for e in range(n_exp):
-        ex = GptOssExpertMLP(hidden, inter, float(mod.alpha), float(mod.limit), gu.dtype, gu.device)
-        if not gu.is_meta:
-            with torch.no_grad():
-                ex.gate_proj.weight.copy_(gu[e, :, ::2].T)
-                ex.up_proj.weight.copy_(gu[e, :, 1::2].T)
-                ex.down_proj.weight.copy_(dn[e].T)
-                ex.gate_proj.bias.copy_(gub[e, ::2])
-                ex.up_proj.bias.copy_(gub[e, 1::2])
-                ex.down_proj.bias.copy_(dnb[e])
-        new.append(_frozen(ex))
-    return new
+def _gate_up_cols(kind: str, inter: int) -> tuple[slice, slice]:
+    """The gate and up columns of a fused-on-disk ``gate_up_proj`` ``[E, H, 2I]``: gpt-oss
+    interleaves them, Llama 4 puts every gate column first."""
+    return (slice(0, None, 2), slice(1, None, 2)) if kind == "gpt_oss" else (slice(0, inter), slice(inter, None))
 
 
-def _unfuse_llama4(mod: nn.Module) -> UnfusedExperts | None:
-    """Llama 4: ``gate_up_proj`` ``[E, H, 2I]`` in x out (gate columns, then up columns),
-    ``down_proj`` ``[E, I, H]``, no biases."""
+def _unfuse_on_disk(mod: nn.Module, kind: str) -> UnfusedExperts | None:
+    """Experts fused on disk (``kind`` "gpt_oss" or "llama4"): ``gate_up_proj`` ``[E, H, 2I]`` in x
+    out, ``down_proj`` ``[E, I, H]``; gpt-oss adds biases ``[E, 2I]`` / ``[E, H]`` and its clamped
+    SwiGLU, Llama 4 scales each expert's inputs by the routing weight."""
     gu, dn = mod.gate_up_proj, mod.down_proj
     n_exp, hidden, two_inter = gu.shape
     inter = two_inter // 2
     if tuple(dn.shape) != (n_exp, inter, hidden):
         return None
+    gate, up = _gate_up_cols(kind, inter)
     new = UnfusedExperts()
-    new.scale_inputs, new.on_disk = True, "llama4"
+    new.on_disk, new.scale_inputs = kind, kind == "llama4"
     for e in range(n_exp):
-        ex = ExpertMLP(ExpertLayout(), hidden, inter, mod.act_fn, gu.dtype, gu.device)
+        if kind == "gpt_oss":
+            ex = GptOssExpertMLP(hidden, inter, float(mod.alpha), float(mod.limit), gu.dtype, gu.device)
+        else:
+            ex = ExpertMLP(ExpertLayout(), hidden, inter, mod.act_fn, gu.dtype, gu.device)
         if not gu.is_meta:
             with torch.no_grad():
-                ex.gate_proj.weight.copy_(gu[e, :, :inter].T)
-                ex.up_proj.weight.copy_(gu[e, :, inter:].T)
+                ex.gate_proj.weight.copy_(gu[e][:, gate].T)
+                ex.up_proj.weight.copy_(gu[e][:, up].T)
                 ex.down_proj.weight.copy_(dn[e].T)
+                if kind == "gpt_oss":
+                    ex.gate_proj.bias.copy_(mod.gate_up_proj_bias[e][gate])
+                    ex.up_proj.bias.copy_(mod.gate_up_proj_bias[e][up])
+                    ex.down_proj.bias.copy_(mod.down_proj_bias[e])
         new.append(_frozen(ex))
     return new
 
@@ -354,10 +345,7 @@ def fused_sources(model: nn.Module) -> dict[str, tuple[str, int, object]]:
     for name, mod in model.named_modules():
         if not isinstance(mod, UnfusedExperts) or not len(mod) or mod.on_disk is None:
             continue
-        inter = mod[0].gate_proj.out_features
-        # gpt-oss interleaves gate and up columns; Llama 4 puts all gate columns first
-        gate, up = ((slice(0, None, 2), slice(1, None, 2)) if mod.on_disk == "gpt_oss"
-                    else (slice(0, inter), slice(inter, None)))
+        gate, up = _gate_up_cols(mod.on_disk, mod[0].gate_proj.out_features)
         for e in range(len(mod)):
             p = f"{name}.{e}"
             out.update({
