@@ -103,7 +103,7 @@ def run_one(run: dict, args, calib: Path, work: Path, upy: Path | None) -> dict:
             cmd += ["--scheme", run["scheme"]]
     res = measure(cmd, work / f"{out.name}.log")
     found = [out] if (out / "config.json").exists() or list(out.glob("*.gguf")) else sorted(
-        p.parent for p in out.glob("*/config.json"))
+        p.parent for p in [*out.glob("*/config.json"), *out.glob("*/*.gguf")])  # upstream writes a subdirectory
     res["dir"] = str(found[0] if found else out)
     if res["returncode"] != 0:
         res["error"] = (work / f"{out.name}.log").read_text()[-2000:]
@@ -163,13 +163,14 @@ def layer_specs(out_dir: Path, shapes: dict) -> dict:
     return specs
 
 
-def gguf_bits(out_dir: Path) -> float:
-    """Bits per weight of the 2-D tensors of the .gguf file in ``out_dir`` (their bytes on disk)."""
+def gguf_bits(out_dir: Path, blocks_only: bool = False) -> float:
+    """Bits per weight of the 2-D tensors of the .gguf file in ``out_dir`` (their bytes on disk);
+    ``blocks_only``: the decoder blocks' (``blk.*``) alone, what the integer rows count."""
     import numpy as np
     from gguf import GGUFReader
 
     (f,) = out_dir.glob("*.gguf")
-    mats = [t for t in GGUFReader(str(f)).tensors if len(t.shape) == 2]
+    mats = [t for t in GGUFReader(str(f)).tensors if len(t.shape) == 2 and (t.name.startswith("blk.") or not blocks_only)]
     return sum(int(t.n_bytes) * 8 for t in mats) / sum(int(np.prod(t.shape)) for t in mats)
 
 
@@ -206,17 +207,18 @@ def main() -> int:
     ap.add_argument("--eval_seqlen", type=int, default=512)
     ap.add_argument("--eval_windows", type=int, default=16)
     ap.add_argument("--work", default=str(REPO / ".bench" / "autoscheme"))
+    ap.add_argument("--table_only", action="store_true", help="print the table of the stored results, running nothing")
     args = ap.parse_args()
     runs = [parse_run(s) for s in args.runs.split(",") if s]
     work, calib, upy = prepare_work(args)
     shapes = linear_shapes(args.model)
     results_path = work / f"results_i{args.iters}.json"
     results = load_results(results_path, args)
-    for run in runs:
+    for run in [] if args.table_only else runs:
         print(f"running {run['name']} (iters {args.iters}) ...", flush=True)
         r = {**run, **run_one(run, args, calib, work, upy)}
         if r.get("returncode") == 0 and run["format"].startswith("gguf:"):
-            r["avg_bits"] = gguf_bits(Path(r["dir"]))
+            r["avg_bits"], r["block_bits"] = gguf_bits(Path(r["dir"])), gguf_bits(Path(r["dir"]), blocks_only=True)
             r["ppl"] = evaluate_gguf(Path(r["dir"]), args)
         elif r.get("returncode") == 0:
             r["avg_bits"] = achieved_bits(Path(r["dir"]), shapes)
@@ -239,7 +241,10 @@ def main() -> int:
             why = r.get("skipped") or (r.get("error") or "failed")[-300:].replace("\n", " ").replace("|", "/")
             print(f"| {label} | {budget} | {why} | | | | |")
             continue
-        print(f"| {label} | {budget} | {r['avg_bits']:.3f} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+        bits = f"{r['avg_bits']:.3f}"
+        if run["format"].startswith("gguf:"):  # every 2-D tensor (what AutoScheme counts for GGUF), then blocks only
+            bits += f" (blocks {gguf_bits(Path(r['dir']), blocks_only=True):.3f})"
+        print(f"| {label} | {budget} | {bits} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['tinyshakespeare']:.2f} |")
     print(f"\nJSON: {results_path}")
     return 0

@@ -32,9 +32,10 @@ def setup_upstream(venv: Path = DEFAULT_VENV) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     # auto-round-lib provides the CPU kernels upstream needs for AWQ-packed files; compressed-tensors
-    # its llm_compressor format (MXFP / NVFP outputs in benchmarks/bench_autoscheme.py)
-    subprocess.run(pip + ["torch==2.13.0", f"auto-round=={UPSTREAM_VERSION}", "auto-round-lib", "compressed-tensors"],
-                   check=True)
+    # its llm_compressor format (MXFP / NVFP outputs in benchmarks/bench_autoscheme.py), gguf its
+    # GGUF schemes (AutoScheme over GGUF options there; its GGUF writer needs sentencepiece)
+    subprocess.run(pip + ["torch==2.13.0", f"auto-round=={UPSTREAM_VERSION}", "auto-round-lib", "compressed-tensors",
+                          "gguf", "sentencepiece"], check=True)
     return venv / "bin" / "python"
 
 

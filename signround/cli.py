@@ -100,7 +100,8 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     a.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
                    help="average bits per weight of the layers chosen for, e.g. 3.0")
     a.add_argument("--options", "--option", "--schemes", dest="options", nargs="+", default=None,
-                   help="candidate schemes, e.g. W2A16G64,W3A16G64,W4A16G64 (also MXFP4, MXFP8, NVFP4, BF16)")
+                   help="candidate schemes, e.g. W2A16G64,W3A16G64,W4A16G64 (also MXFP4, MXFP8, NVFP4, BF16; or "
+                        "GGUF file types such as GGUF:Q2_K_S,GGUF:Q4_K_M, written as one .gguf)")
     a.add_argument("--ignore_scale_zp_bits", action="store_true",
                    help="count weight bits only (not scales and zero points) against the budget")
     a.add_argument("--shared_layers", nargs="+", action="append", default=None,
