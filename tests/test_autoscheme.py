@@ -340,3 +340,17 @@ def test_cli_gguf_options_write_the_dearest_file_type(wide_dir, tmp_path):
     assert [p.name for p in out.glob("*.gguf")] == ["wide-llama-untied-q4_k_s.gguf"]
     cfg = json.loads((out / "layer_config.json").read_text())
     assert {c["ggml_type"] for c in cfg.values()} >= {"q2_k", "q4_k"}
+
+
+def test_moe_experts_choose_together_even_when_a_batch_routes_none_to_some(tiny_model_dir):
+    """Scoring an MoE model: an expert routed no token of a mini-batch has no weight gradient
+    there (it was scored as a crash before); the experts of one projection share one option."""
+    ar = AutoRound(str(tiny_model_dir("qwen3_moe")), scheme=AutoScheme(3.0, OPTS), iters=0, nsamples=2, seqlen=8,
+                   batch_size=1, dataset=[list(range(3, 11)), list(range(20, 28))])
+    sel = ar.choose_schemes()
+    assert sel.avg_bits <= 3.0
+    experts = [r for r in sel.rows if ".experts." in r["layers"][0]]
+    assert experts and all(len(r["layers"]) >= 8 for r in experts)  # all 8 experts of a projection, one option
+    for b in (0, 1):
+        down = {ar.plan.specs[f"model.layers.{b}.mlp.experts.{e}.down_proj"] for e in range(8)}
+        assert len(down) == 1

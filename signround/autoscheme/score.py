@@ -175,7 +175,8 @@ def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cf
                     torch.autograd.backward(out.float(), g[i : i + bs].to(device))
                     g_in.append(xb.grad.float().to(g.device))
                     for name, m in mods.items():
-                        absgrad[name].add_(_weight_grad(m).abs())
+                        if m.weight.grad is not None:  # None: an expert no token of this batch was routed to
+                            absgrad[name].add_(_weight_grad(m).abs())
                         m.weight.grad = None
             finally:
                 taps.close()
