@@ -335,7 +335,7 @@ class AutoRound:
         device = self.devmap.primary
         if self.source.streamed:  # NaN/Inf in a weight: found before tuning, one tensor at a time
             self.source.scan_finite([n for n, s in self.plan.specs.items() if s.quantized])
-        ids = self.calibration_ids() if self.needs_calibration or self.autoscheme is not None else None
+        ids = self.calibration_ids() if self.needs_calibration else None
         self._probe = probe_ids_for(self._model, seed=self.seed)
         if ids is not None:
             steps = ", lr %g, minmax_lr %g" % self.cfg.lrs_for(self.spec) if self.cfg.iters else ""
