@@ -124,8 +124,7 @@ class Llama4MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, self.hidden_dim)
-        logits = self.router(x)  # Llama4Router returns (scores, logits); a wrapped router the logits
-        logits = logits[1] if isinstance(logits, tuple) else logits
+        _, logits = self.router(x)  # Llama4Router: (scores, logits)
         top_value, top = torch.topk(logits, self.top_k, dim=1)
         routed = self.experts(x, top, torch.sigmoid(top_value.float()).to(x.dtype))
         out = self.shared_expert(x)

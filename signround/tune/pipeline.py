@@ -455,6 +455,10 @@ def _live_loss(bar, cfg: TuneConfig) -> Callable[[int, float], None] | None:
     return step
 
 
+# the forwards _probe_forward replaces by a float32 F.linear (a subclass's own forward is kept)
+_PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward)
+
+
 @torch.no_grad()
 def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], device: torch.device,
                    exact: dict[str, QParams]) -> torch.Tensor:
@@ -466,18 +470,23 @@ def _probe_forward(blk: nn.Module, h: torch.Tensor, kwargs: dict[str, Any], devi
     at a time."""
     restore: list[tuple[nn.Module, str, torch.Tensor]] = []
     for rel, mod in blk.named_modules():
-        if isinstance(mod, QUANTIZABLE_TYPES):
-            def fwd(x, mod=mod, qp=exact.get(rel)):
+        qp = exact.get(rel)
+        if type(mod).forward in _PLAIN_FORWARDS:
+            def fwd(x, mod=mod, qp=qp):
                 w = qp.dequantize(torch.float32).to(x.device) if qp is not None else get_weight(mod).float()
                 return F.linear(x.float(), w, None if mod.bias is None else mod.bias.float())
 
             mod.forward = fwd
             restore.append((mod, "forward", None))
-        else:
+        else:  # norms, and Linear subclasses with a forward of their own (Llama 4's router returns a tuple)
             for leaf, p in list(mod._parameters.items()):
-                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                if p is not None and p.is_floating_point() and (p.dtype != torch.float32 or qp is not None):
                     restore.append((mod, leaf, p))
-                    mod._parameters[leaf] = nn.Parameter(p.detach().float(), requires_grad=False)
+                    new = p.detach().float()
+                    if leaf == "weight" and qp is not None:
+                        w = qp.dequantize(torch.float32).to(p.device)
+                        new = w.t() if isinstance(mod, Conv1D) else w
+                    mod._parameters[leaf] = nn.Parameter(new, requires_grad=False)
     try:
         return block_forward(blk, h.to(device), cast_kwargs(kwargs, device, torch.float32)).float().cpu()
     finally:
