@@ -462,7 +462,7 @@ class AutoRound:
     def _checkpoint(self, partial: Any, exporters: list) -> Any:
         from .resume import RunCheckpoint
 
-        ids = self.calibration_ids() if self.needs_calibration or self.autoscheme is not None else None
+        ids = self.calibration_ids() if self.needs_calibration else None  # AutoScheme's data: in "scheme"
         return RunCheckpoint(partial.path / "resume", self._fingerprint(exporters, ids), resume=partial.resumed)
 
     def _fingerprint(self, exporters: list, ids: torch.Tensor | None) -> dict[str, str]:

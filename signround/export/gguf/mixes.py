@@ -114,17 +114,18 @@ class Mix:
         self.tied = tied_lm_head(model)
         self.n_expert = n_experts(config)
 
+    def cols(self, name: str) -> int:
+        return get_weight(get_module(self.model, name)).shape[1]
+
     def spec(self, ftype: str, name: str, gguf_tensor: str | None = None) -> QuantSpec:
         """The spec file type ``ftype``'s rules give layer ``name`` (a row no block divides: floating point)."""
-        n_cols = get_weight(get_module(self.model, name)).shape[1]
         target = gguf_tensor or gguf_name(self.fam, name + ".weight") or ""
-        return _spec(tensor_type(ftype, target, n_cols, self.n_layer, self.n_gqa, self.tied, self.n_expert))
+        return _spec(tensor_type(ftype, target, self.cols(name), self.n_layer, self.n_gqa, self.tied, self.n_expert))
 
     def fixed(self, ggml_type: str, name: str) -> QuantSpec:
         """Layer ``name`` given a type by layer_config: a block type as it is (q2_k), a file type's own
         block type (q4_k_m: q4_k), with the fallback its row length needs."""
-        n_cols = get_weight(get_module(self.model, name)).shape[1]
-        return _spec(with_fallback(GGUF_FTYPES.get(ggml_type, ggml_type), n_cols))
+        return _spec(with_fallback(GGUF_FTYPES.get(ggml_type, ggml_type), self.cols(name)))
 
 
 def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | None,
@@ -156,15 +157,14 @@ def resolve_mix(model: nn.Module, specs: dict[str, QuantSpec], lm_head: str | No
             continue
         specs[name] = mix.spec(ftype, name) if spec is default else mix.fixed(spec.ggml_type, name)
         if not specs[name].quantized:
-            kept.append(f"{name} ({get_weight(get_module(model, name)).shape[1]} inputs)")
+            kept.append(f"{name} ({mix.cols(name)} inputs)")
     if kept:
         logger.warning("kept in floating point, no ggml block type divides their rows: %s", ", ".join(kept))
     extras: dict[str, QuantSpec] = {}
-    emb = model.get_input_embeddings()
-    emb_name = _module_name(model, emb)
-    t = tensor_type(ftype, "token_embd.weight", emb.weight.shape[1], mix.n_layer, mix.n_gqa, mix.tied)
-    if t is not None:
-        extras[emb_name] = _spec(t)
+    emb_name = _module_name(model, model.get_input_embeddings())
+    emb = mix.spec(ftype, emb_name, "token_embd.weight")
+    if emb.quantized:
+        extras[emb_name] = emb
     if lm_head is not None and lm_head in specs:
         own = specs[lm_head] if specs[lm_head].quantized and specs[lm_head] is not default else None
         specs[lm_head] = QuantSpec(bits=FP_BITS)
