@@ -30,13 +30,13 @@ from torch import nn
 
 from . import export
 from .autoscheme import LAYER_CONFIG_FILE, AutoScheme, Selection, base_spec, prepare, restore, select, trial_plans
-from .calib import DEFAULT_DATASET, build_calibration
+from .calib import DEFAULT_DATASET, build_calibration, build_image_text_calibration, uses_images
 from .errors import ConfigError, ExportError, SignRoundError
 from .export.writer import write_error, write_failure
 from .devices import parse_device_map
 from .model.hub import resolve_model
 from .model.kvcache import parse_fp8
-from .model.vlm import check_vlm_options
+from .model.vlm import auto_class, check_vlm_options, image_token_id, load_processor
 from .model.loading import check_model_path, load_config, load_model_and_tokenizer, load_tokenizer
 from .memory import release_memory, tune_allocator
 from .model.source import InMemorySource, WeightSource
@@ -116,6 +116,8 @@ class AutoRound:
         to_quant_block_names: str | Iterable[str] | None = None,
         mllm: bool = False,
         quant_nontext_module: bool = False,
+        processor: Any = None,
+        extra_data_dir: str | None = None,
         device_map: str | dict | None = None,
         dtype: str | torch.dtype | None = "auto",
         trust_remote_code: bool = False,
@@ -167,11 +169,16 @@ class AutoRound:
         self.result: QuantResult | None = None
         self.summary: dict[str, Any] = {}
         self._calib: torch.Tensor | None = None
+        self._calib_extras: list[dict[str, torch.Tensor]] | None = None  # image-text samples' other inputs
+        self.processor = processor
+        self.extra_data_dir = extra_data_dir
+        self._mllm = mllm
         self._probe: torch.Tensor | None = None
         self._saved: tuple[Path, list] | None = None  # (output, exporters) of the last save
         self._loaded: nn.Module | None = None
         self.selection: Selection | None = None
         self._scoring_ids: torch.Tensor | None = None
+        self._scoring_extras: list[dict[str, torch.Tensor]] | None = None
         _seed_everything(seed)
         # 2. everything that needs no weights is checked first: devices, the checkpoint's files,
         #    config, tokenizer and calibration data (a mistake costs seconds, not a model load)
@@ -179,6 +186,8 @@ class AutoRound:
         if not isinstance(model, nn.Module):  # a Hub id: downloaded, or found in the cache offline
             model = resolve_model(model, revision, platform)
         self._config = load_config(model, trust_remote_code)
+        self._model_path = None if isinstance(model, nn.Module) else str(model)
+        self._trust_remote_code = trust_remote_code
         check_vlm_options(self._config, mllm, quant_nontext_module)  # before calibration data and weights
         self._check_seqlen()
         self.tokenizer = tokenizer
@@ -220,10 +229,25 @@ class AutoRound:
             logger.warning("default seqlen %d is longer than the model's context: using %d", self.cfg.seqlen, ctx)
             self.cfg.seqlen = ctx
 
+    def _build_data(self, dataset: Any, seqlen: int, nsamples: int
+                    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        """Calibration ids, and for image-text data each sample's other model inputs (made by the
+        model's processor; a vision-language model only)."""
+        if not uses_images(dataset):
+            return build_calibration(dataset, self.tokenizer, seqlen, nsamples, self.seed), None
+        if auto_class(self._config, self._mllm).__name__ != "AutoModelForImageTextToText":
+            raise ConfigError("the dataset names image-text data, but this model has no vision tower; pass a "
+                              "text dataset (or leave --dataset out)")
+        if self.processor is None:
+            self.processor = load_processor(self._model_path, self._trust_remote_code)
+        return build_image_text_calibration(dataset, self.processor, image_token_id(self._config), seqlen, nsamples,
+                                            self.seed, self.extra_data_dir)
+
     def calibration_ids(self) -> torch.Tensor:
-        """Tokenized calibration samples ``[n, seqlen]`` (validated: at least one sample)."""
+        """Tokenized calibration samples ``[n, seqlen]`` (validated: at least one sample); image-text
+        samples' other model inputs are kept beside (``_calib_extras``)."""
         if self._calib is None:
-            ids = build_calibration(self.dataset, self.tokenizer, self.cfg.seqlen, self.cfg.nsamples, self.seed)
+            ids, self._calib_extras = self._build_data(self.dataset, self.cfg.seqlen, self.cfg.nsamples)
             if ids.shape[0] < self.cfg.batch_size:
                 logger.warning("only %d calibration samples: batch_size lowered from %d", ids.shape[0],
                                self.cfg.batch_size)
@@ -238,11 +262,11 @@ class AutoRound:
             return None
         if self._scoring_ids is None:
             if auto.dataset is None and auto.nsamples is None and auto.seqlen is None:
-                self._scoring_ids = self.calibration_ids()
+                self._scoring_ids, self._scoring_extras = self.calibration_ids(), self._calib_extras
             else:
-                self._scoring_ids = build_calibration(
-                    self.dataset if auto.dataset is None else auto.dataset, self.tokenizer,
-                    auto.seqlen or self.cfg.seqlen, auto.nsamples or self.cfg.nsamples, self.seed)
+                self._scoring_ids, self._scoring_extras = self._build_data(
+                    self.dataset if auto.dataset is None else auto.dataset,
+                    auto.seqlen or self.cfg.seqlen, auto.nsamples or self.cfg.nsamples)
         return self._scoring_ids
 
     def choose_schemes(self) -> Selection | None:
@@ -254,7 +278,7 @@ class AutoRound:
         cfg = dataclasses.replace(self.cfg, low_gpu_mem_usage=self.cfg.low_gpu_mem_usage or auto.low_gpu_mem_usage)
         with _deterministic(self.cfg.enable_deterministic_algorithms):
             self.selection = select(self._request, self._model, self.plan, self._autoscheme_ids(), cfg, devmap,
-                                    self.source)
+                                    self.source, self._scoring_extras)
         self.plan.specs.update(self.selection.specs)
         return self.selection
 
@@ -343,7 +367,8 @@ class AutoRound:
                         ids.shape[0], ids.shape[1], self.cfg.iters, self.cfg.batch_size, steps)
         with _deterministic(self.cfg.enable_deterministic_algorithms):
             return quantize_model(self._model, self.plan, self.cfg, ids, self.devmap, self.source, sink,
-                                  keep_weights, self._probe, checkpoint, probe_stored=keep_weights)
+                                  keep_weights, self._probe, checkpoint, probe_stored=keep_weights,
+                                  calib_extras=self._calib_extras if ids is not None else None)
 
     # -- save -------------------------------------------------------------------------------------
     def save_quantized(
@@ -467,7 +492,7 @@ class AutoRound:
 
     def _fingerprint(self, exporters: list, ids: torch.Tensor | None) -> dict[str, str]:
         """What must not change between an interrupted run and its resumption, by name."""
-        from .resume import file_digest, tensor_digest, text_digest
+        from .resume import data_digest, file_digest, text_digest
 
         src = Path(self.source_dir)
         shards = sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors"))
@@ -477,13 +502,14 @@ class AutoRound:
             a, free = self.autoscheme, self._request.layer_specs
             fixed = sorted((n, s.label()) for n, s in self.plan.specs.items() if n not in free)
             scheme = (f"{a.describe()}; ignore_scale_zp_bits {a.ignore_scale_zp_bits}; shared {a.shared_layers}; "
-                      f"fixed layers {text_digest(str(fixed))}; scoring data {tensor_digest(self._autoscheme_ids())}")
+                      f"fixed layers {text_digest(str(fixed))}; scoring data "
+                      f"{data_digest(self._autoscheme_ids(), self._scoring_extras)}")
         return {
             "model": f"{src} config {file_digest(src / 'config.json')} shards {shards}",
             "scheme": scheme,
             "iters": str(self.cfg.iters),
             "tuning": str(sorted(self._config_record().items())),
-            "data": tensor_digest(ids),
+            "data": data_digest(ids, self._calib_extras if ids is not None else None),
             "seed": str(self.seed),
             "formats": ",".join(e.name for e in exporters),
         }

@@ -193,6 +193,9 @@ def build_parser(prog: str = "signround", recipe: str = "default") -> argparse.A
     p.add_argument("--quant_nontext_module", action="store_true",
                    help="also quantize a vision-language model's vision tower and projector (rounded without "
                         "data; kept exact by default)")
+    p.add_argument("--extra_data_dir", default=None,
+                   help="folder of the images an image-text --dataset names (LLaVA conversation JSON); also "
+                        "image=DIR as upstream writes it")
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="(the default here: remote code runs only with --trust_remote_code)")
     p.add_argument("--low_cpu_mem_usage", action="store_true", help="(the default here: weights are streamed)")
@@ -432,6 +435,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         to_quant_block_names=args.to_quant_block_names,
         mllm=args.mllm,
         quant_nontext_module=args.quant_nontext_module,
+        extra_data_dir=args.extra_data_dir,
         device_map=args.device_map,
         dtype=args.model_dtype,
         trust_remote_code=args.trust_remote_code,

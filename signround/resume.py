@@ -48,6 +48,17 @@ def tensor_digest(t: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
+def data_digest(ids: torch.Tensor | None, extras: list[dict[str, torch.Tensor]] | None = None) -> str:
+    """Calibration data: the ids, and image-text samples' other model inputs (pixels, grids)."""
+    if not extras:
+        return tensor_digest(ids)
+    h = hashlib.sha256(tensor_digest(ids).encode())
+    for e in extras:
+        for k in sorted(e):
+            h.update(f"{k}:{tensor_digest(e[k])}".encode())
+    return h.hexdigest()[:16]
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

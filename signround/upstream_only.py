@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-_VLM = ("image-text calibration data is not offered: vision-language models calibrate their language model on "
-        "text (--dataset); the vision tower is kept exact, or rounded without data with --quant_nontext_module")
+_TEMPLATE = ("image-text samples are rendered with the model processor's own chat template; pass the "
+             "conversation file with --dataset and its images with --extra_data_dir")
 _DIFFUSION = "signround quantizes causal language models; diffusion models are not supported"
 _DOUBLE_QUANT = "double quantization is set by the GGUF schemes (scheme GGUF:Q4_K_M)"
 
@@ -14,11 +14,11 @@ SHARED = {
     "super_group_size": _DOUBLE_QUANT,
 }
 
-API_ONLY = {**SHARED, "extra_config": "pass the options as keyword arguments"}
+API_ONLY = {**SHARED, "extra_config": "pass the options as keyword arguments", "template": _TEMPLATE,
+            "image_processor": "pass the whole processor (processor=...)"}
 
 CLI_ONLY = {
-    "--extra_data_dir": _VLM,
-    "--template": _VLM,
+    "--template": _TEMPLATE,
     **{f"--{name}": _DIFFUSION for name in ("prompt_file", "prompt", "metrics", "image_save_dir", "guidance_scale",
                                             "num_inference_steps", "generator_seed")},
     **{f"--{name}": why for name, why in SHARED.items()},

@@ -42,7 +42,7 @@ def test_pass_through_capture_matches_full_forward(arch, tiny_model_dir, caplog)
             return _real(self, *a, **k)
 
         blk.forward = own[n] = counted.__get__(blk)  # an instance forward, as accelerate's hooks set
-    sample = torch.randint(3, 120, (1, 24))
+    sample = {"input_ids": torch.randint(3, 120, (1, 24))}
     with caplog.at_level(logging.DEBUG, logger="signround.model.capture"), torch.no_grad():
         full = _block_kwargs(model, names, sample, "cpu", shortcut=False)
         assert all(c == 1 for c in calls.values())

@@ -216,7 +216,7 @@ def test_best_iteration_is_judged_relative_to_each_minibatchs_start():
     def target(idx, xb):
         return torch.nn.functional.linear(xb, w_fp)
 
-    def run(unit, xb):
+    def run(unit, xb, _idx):
         out = unit(xb)
         calls.append((torch.is_grad_enabled(), xb, out.detach().clone()))
         return out
@@ -257,7 +257,7 @@ def test_not_use_best_mse_keeps_the_last_step():
     w_fp = lin.weight.detach().clone()
     grads: list[bool] = []
 
-    def run(unit, xb):
+    def run(unit, xb, _idx):
         grads.append(torch.is_grad_enabled())
         return unit(xb)
 
@@ -281,7 +281,7 @@ def test_nan_loss_during_tuning_keeps_the_best_parameters_and_says_so(caplog):
     w_fp = lin.weight.detach().clone()
     steps = [0]
 
-    def run(unit, xb):
+    def run(unit, xb, _idx):
         out = unit(xb)
         if torch.is_grad_enabled():
             steps[0] += 1
@@ -402,10 +402,10 @@ def test_bf16_autocast_tuning_still_beats_rtn(stories_dir, monkeypatch, caplog):
     seen = []
     real = pipeline.block_forward
 
-    def recording_forward(blk, x, kw):
+    def recording_forward(blk, x, kw, idx=None):
         if x.shape[1] == SMALL["seqlen"]:  # calibration samples (the self-check's probe runs in fp32)
             seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return real(blk, x, kw)
+        return real(blk, x, kw, idx)
 
     monkeypatch.setattr(pipeline, "block_forward", recording_forward)
     with caplog.at_level("INFO", logger="signround"):

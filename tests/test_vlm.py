@@ -71,8 +71,8 @@ def test_language_model_quantized_vision_tower_kept_and_loads_on_an_image(arch, 
             assert k in after and after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), (fmt, k)
         report = json.loads((out / fmt / "report.json").read_text())
         assert report["self_check"][0]["status"] == "passed"
-        # the processor's files come along (LLaVA's processor; the others' image processor)
-        wanted = ["processor_config.json", "chat_template.jinja"] if arch == "llava" else ["preprocessor_config.json"]
+        # the processor's files come along (Qwen2-VL's image processor alone: see tiny_models)
+        wanted = ["preprocessor_config.json"] if arch == "qwen2_vl" else ["processor_config.json", "chat_template.jinja"]
         assert all((out / fmt / f).is_file() for f in wanted), fmt
     qc = json.loads((out / "auto_round" / "config.json").read_text())["quantization_config"]
     assert qc["block_name_to_quantize"] == "model.language_model.layers"
@@ -147,3 +147,156 @@ def test_cli_quantizes_a_vlm(vlm_dir, tmp_path):
                  "--nsamples", "4", "--seqlen", "16", "--output_dir", str(out), "--quiet"]) == 0
     model = load_quantized(str(out), dtype=torch.float32)
     assert image_logits(model, image_inputs("gemma3_vlm", vlm_dir("gemma3_vlm"))).isfinite().all()
+
+
+# -- image-text calibration ---------------------------------------------------------------------
+def image_text_data(root: Path, n: int = 6) -> tuple[Path, Path]:
+    """A LLaVA-style conversation file and its image folder; images of 28x28, 56x56 and 28x56 pixels
+    (Qwen2-VL gives them 1, 4 and 2 image tokens)."""
+    import numpy as np
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        h, w = [(28, 28), (56, 56), (28, 56)][i % 3]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+        records.append({"id": str(i), "image": f"coco/train2017/{i:03d}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?" if i % 2 else "Tell me about it <image>"},
+            {"from": "gpt", "value": "Once upon a time there was a little girl named Lily. " * (1 + i % 2)}]})
+    data = root / "conversation.json"
+    data.write_text(json.dumps(records))
+    text = root / "stories.txt"
+    text.write_text("\n".join(["Tom and Sue went to the park to play with a big red ball all day long."] * 4))
+    return data, images
+
+
+def _processor(arch: str, src: Path):
+    from tiny_models import vlm_processor
+
+    return vlm_processor(arch, src) if arch == "qwen2_vl" else None  # the others' AutoProcessor loads
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_image_text_calibration_feeds_each_block_what_the_models_forward_gives_it(arch, vlm_dir, tmp_path):
+    """Image-text samples (images of three sizes, a text dataset beside) reach the blocks as the model's
+    own forward gives them: block 0's inputs and outputs, run in batches of two samples whose block
+    arguments differ (Qwen2-VL's M-RoPE positions, Gemma 3's image masks), equal the forward's hidden
+    states sample by sample."""
+    from signround.model.capture import PerSample, block_forward, capture_block_inputs
+
+    src = vlm_dir(arch)
+    data, images = image_text_data(tmp_path)
+    ar = AutoRound(str(src), iters=2, scheme="W4A16", group_size=16, nsamples=6, seqlen=40, batch_size=2,
+                   dataset=f"{data},{tmp_path / 'stories.txt'}:concat=True:num=2", extra_data_dir=str(images),
+                   processor=_processor(arch, src))
+    ids, extras = ar.calibration_ids(), ar._calib_extras
+    assert ids.shape == (6, 40) and sum(bool(e) for e in extras) == 4 and all("pixel_values" in e for e in extras if e)
+    model = AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32).eval()
+    blocks = ["model.language_model.layers.0", "model.language_model.layers.1"]
+    cap = capture_block_inputs(model, blocks, ids, 2, extras=extras)
+    per_sample = [k for k, v in cap.kwargs[blocks[0]].items()
+                  if isinstance(v, PerSample) or (isinstance(v, tuple) and any(isinstance(x, PerSample) for x in v))]
+    if arch != "llava":  # LLaVA's blocks get plain causal masks and positions
+        assert per_sample, "the samples' block arguments should differ"
+    block0 = model.get_submodule(blocks[0])
+    with torch.no_grad():
+        out = torch.cat([block_forward(block0, cap.hidden[i:i + 2], cap.kwargs[blocks[0]], slice(i, i + 2))
+                         for i in range(0, 6, 2)])
+        for i in range(6):
+            ref = model(input_ids=ids[i:i + 1], **extras[i], output_hidden_states=True).hidden_states
+            torch.testing.assert_close(cap.hidden[i:i + 1], ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[i:i + 1], ref[1], rtol=1e-4, atol=1e-4)
+            if extras[i]:  # the image reached the language model
+                text_only = model(input_ids=ids[i:i + 1], output_hidden_states=True).hidden_states[0]
+                assert (text_only - ref[0]).abs().max() > 1e-3
+
+
+def test_image_text_calibration_quantizes_and_resumes_to_the_same_files(vlm_dir, tmp_path, monkeypatch):
+    """SignRound on image-text samples: tuned on them (other files than text calibration gives), the
+    self-check passes, the output runs on an image; a run stopped after block 1 resumes to the same files."""
+    from signround.resume import RunCheckpoint
+    from test_streaming import same_files
+    from tiny_models import vlm_processor
+
+    src = vlm_dir("qwen2_vl")
+    data, images = image_text_data(tmp_path)
+    kw = dict(iters=3, scheme="W4A16", group_size=16, nsamples=4, seqlen=40, batch_size=2, dataset=str(data),
+              extra_data_dir=str(images))
+    AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw).quantize_and_save(tmp_path / "ref", format="auto_round")
+    report = json.loads((tmp_path / "ref" / "report.json").read_text())
+    assert report["self_check"][0]["status"] == "passed"
+    text = dict(kw, dataset=TEXT_IDS * 2, seqlen=16)
+    text.pop("extra_data_dir")
+    AutoRound(str(src), **text).quantize_and_save(tmp_path / "text", format="auto_round")
+    assert tensors(tmp_path / "ref") .keys() == tensors(tmp_path / "text").keys()
+    assert any(not torch.equal(v, tensors(tmp_path / "text")[k]) for k, v in tensors(tmp_path / "ref").items())
+    ours = load_quantized(str(tmp_path / "ref"), dtype=torch.float32)
+    assert torch.isfinite(image_logits(ours, image_inputs("qwen2_vl", src))).all()
+
+    save = RunCheckpoint.save
+
+    def crash_after_one(self, point):
+        save(self, point)
+        if point.blocks_done == 1:
+            raise RuntimeError("simulated crash")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(RunCheckpoint, "save", crash_after_one)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw).quantize_and_save(out, format="auto_round")
+    monkeypatch.setattr(RunCheckpoint, "save", save)
+    ar = AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw)
+    ar.quantize_and_save(out, format="auto_round", resume=True)
+    assert ar.result.resumed_from == 1
+    same_files(out, tmp_path / "ref")
+
+
+def test_cli_calibrates_a_vlm_on_images(vlm_dir, tmp_path):
+    """--dataset FILE --extra_data_dir DIR: the processor saved with the model makes the samples."""
+    from signround.cli import main
+
+    src = vlm_dir("gemma3_vlm")
+    data, images = image_text_data(tmp_path)
+    out = tmp_path / "q"
+    main([str(src), "--scheme", "W4A16", "--group_size", "16", "--iters", "2", "--nsamples", "4", "--seqlen", "40",
+          "--batch_size", "2", "--dataset", str(data), "--extra_data_dir", str(images), "--output_dir", str(out),
+          "--format", "auto_round"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["self_check"][0]["status"] == "passed"
+
+
+def test_image_text_data_bad_inputs_are_named(vlm_dir, tiny_model_dir, tmp_path):
+    from signround.errors import CalibrationError
+
+    data, images = image_text_data(tmp_path)
+    src = vlm_dir("llava")
+    with pytest.raises(ConfigError, match="no vision tower"):  # a text model
+        AutoRound(str(tiny_model_dir("llama")), dataset=str(data), extra_data_dir=str(images), **FAST)
+    with pytest.raises(CalibrationError, match="--extra_data_dir"):  # images not where the records say
+        AutoRound(str(src), dataset=str(data), **FAST)
+    with pytest.raises(CalibrationError, match="not a folder"):
+        AutoRound(str(src), dataset=str(data), extra_data_dir=str(tmp_path / "nowhere"), **FAST)
+    with pytest.raises(CalibrationError, match="conversation_58k.json"):  # upstream's name: no download
+        AutoRound(str(src), dataset="liuhaotian/llava_conv_58k", **FAST)
+    with pytest.raises(CalibrationError, match="raise --seqlen"):  # image tokens past seqlen
+        AutoRound(str(src), dataset=str(data), extra_data_dir=str(images), **dict(FAST, seqlen=3))
+    with pytest.raises(ConfigError, match="torchvision"):  # Qwen2-VL's AutoProcessor wants a video processor
+        AutoRound(str(vlm_dir("qwen2_vl")), dataset=str(data), extra_data_dir=str(images), **FAST)
+
+
+def test_autoscheme_scores_on_image_text_samples(vlm_dir, tmp_path):
+    """AutoScheme's DeltaLoss runs the blocks on the image-text samples (per-sample M-RoPE arguments)."""
+    from signround import AutoScheme
+    from tiny_models import vlm_processor
+
+    src = vlm_dir("qwen2_vl")
+    data, images = image_text_data(tmp_path)
+    ar = AutoRound(str(src), scheme=AutoScheme(3.5, "W2A16G16,W4A16G16"), iters=0, nsamples=4, seqlen=40,
+                   batch_size=2, dataset=str(data), extra_data_dir=str(images), processor=vlm_processor("qwen2_vl", src))
+    ar.quantize_and_save(tmp_path / "q", format="auto_round")
+    assert {r["option"] for r in ar.selection.rows} == {"W2A16G16", "W4A16G16"}
+    assert all(r["scores"]["W2A16G16"] > r["scores"]["W4A16G16"] > 0 for r in ar.selection.rows)
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["self_check"][0]["status"] == "passed"

@@ -162,15 +162,43 @@ def _vlm_config(arch: str, ids: dict[str, int]):
     raise KeyError(arch)
 
 
-def _vlm_processor(arch: str, tokenizer):
-    import transformers as t
+# chat templates as the real checkpoints' render typed content: an image item becomes the model's
+# image placeholder, which the processor expands into the image's tokens
+_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+             "{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}"
+             "{% endfor %}{% endif %}\n{% endfor %}")
+_PLACEHOLDERS = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                 "gemma3_vlm": "<start_of_image>"}
 
+
+def _vlm_processor(arch: str, tokenizer):
+    """The model's processor; Qwen2-VL's is built without its video processor, which transformers
+    builds only with torchvision (not installed here): it is made in memory (see :func:`vlm_processor`)."""
+    import transformers as t
+    from transformers.processing_utils import ProcessorMixin
+
+    template = _TEMPLATE.replace("IMAGE", _PLACEHOLDERS[arch])
     if arch == "llava":
         return t.LlavaProcessor(
-            image_processor=t.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-            tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return None
+            image_processor=image_processor(arch), tokenizer=tokenizer, patch_size=14,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template)
+    if arch == "gemma3_vlm":
+        return t.Gemma3Processor(image_processor=image_processor(arch), tokenizer=tokenizer, image_seq_length=4,
+                                 chat_template=template)
+    check = ProcessorMixin.check_argument_for_proper_class
+    try:  # transformers checks a None video processor's class too, and fails without torchvision
+        ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
+        return t.Qwen2VLProcessor(image_processor=image_processor(arch), tokenizer=tokenizer, video_processor=None,
+                                  chat_template=template)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def vlm_processor(arch: str, model_dir: Path):
+    """The processor of a tiny VLM built by :func:`build_tiny_vlm`, in memory."""
+    from transformers import AutoTokenizer
+
+    return _vlm_processor(arch, AutoTokenizer.from_pretrained(str(model_dir)))
 
 
 def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
@@ -178,7 +206,11 @@ def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0)
     builds one offline), vision tower weights random too."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # image tokens stay whole (stories260K's tokenizer splits special tokens); Gemma 3's processor finds
+    # its tokens by name
+    named = ({"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+             if arch == "gemma3_vlm" else {})
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), split_special_tokens=False, extra_special_tokens=named)
     tok.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS[arch]})
     ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS[arch]}
     torch.manual_seed(seed)
@@ -188,9 +220,11 @@ def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0)
             if p.dim() >= 2:
                 p.normal_(0, 0.1)
     model.save_pretrained(out_dir)
-    (_vlm_processor(arch, tok) or tok).save_pretrained(str(out_dir))
-    if arch != "llava":  # the image processor alone (their processors want video processors too)
+    tok.save_pretrained(str(out_dir))
+    if arch == "qwen2_vl":  # the image processor alone: AutoProcessor wants a video processor too
         image_processor(arch).save_pretrained(str(out_dir))
+    else:
+        _vlm_processor(arch, tok).save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -199,8 +233,8 @@ def image_processor(arch: str):
 
     if arch == "llava":
         return t.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    if arch == "qwen2_vl":
-        return t.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28, patch_size=14, merge_size=2,
+    if arch == "qwen2_vl":  # up to 56 x 56 pixels: 1 to 4 image tokens, by the image's size
+        return t.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
                                        temporal_patch_size=2)
     return t.Gemma3ImageProcessor(size={"height": 28, "width": 28})
 

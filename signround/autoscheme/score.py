@@ -99,6 +99,7 @@ def score_groups(
     source: WeightSource,
     batch_size: int,
     max_cache_bytes: int = MAX_CACHE_BYTES,
+    calib_extras: list[dict] | None = None,
 ) -> np.ndarray:
     """``[n_groups, n_options]`` DeltaLoss; ``units[block]`` lists (group index, its layers in the block);
     ``layer_specs[layer][o]`` is the layer's spec under option ``o`` (activation terms come from ``options``)."""
@@ -116,13 +117,15 @@ def score_groups(
     sq: dict[str, torch.Tensor] = {}  # the clipping search's input weights, from the first chunk
     for start in range(0, n, chunk):
         ids = calib_ids[start : start + chunk]
-        _score_chunk(model, block_names, units, options, layer_specs, ids, len(ids) / n, cfg, devmap, source,
+        extras = None if calib_extras is None else calib_extras[start : start + chunk]
+        _score_chunk(model, block_names, units, options, layer_specs, ids, extras, len(ids) / n, cfg, devmap, source,
                      min(batch_size, len(ids)), store, cache, scores, sq)
     logger.info("AutoScheme: scoring took %.1f s", time.time() - t0)
     return scores
 
 
-def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cfg, devmap, source, bs, store, cache, scores, sq) -> None:
+def _score_chunk(model, block_names, units, options, layer_specs, ids, extras, share, cfg, devmap, source, bs, store,
+                 cache, scores, sq) -> None:
     device = devmap.primary
     amp = amp_dtype(device, cfg)
     act_options = [(o, s) for o, s in enumerate(options) if s.quantized and s.act_quantized]
@@ -132,7 +135,7 @@ def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cf
 
     source.materialize_outside(model, block_names)
     source.materialize(model, block_names[0])
-    cap = capture_block_inputs(model, block_names, ids, bs, store)
+    cap = capture_block_inputs(model, block_names, ids, bs, store, extras=extras)
     if source.streamed:
         source.release(model, block_names[0])
     inputs = [cap.hidden.to(cache)]
@@ -144,8 +147,8 @@ def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cf
                 try:
                     x = inputs[-1]
                     with autocast():
-                        y = [block_forward(blk, x[i : i + bs].to(device, torch.float32), kw).to(store, cache)
-                             for i in range(0, x.shape[0], bs)]
+                        y = [block_forward(blk, x[i : i + bs].to(device, torch.float32), kw, slice(i, i + bs))
+                             .to(store, cache) for i in range(0, x.shape[0], bs)]
                 finally:
                     taps.close()
                 for name, s in taps.sq.items():
@@ -171,7 +174,7 @@ def _score_chunk(model, block_names, units, options, layer_specs, ids, share, cf
                 for i in range(0, x.shape[0], bs):
                     xb = x[i : i + bs].to(device, torch.float32).requires_grad_(True)
                     with torch.enable_grad(), autocast():
-                        out = block_forward(blk, xb, kw)
+                        out = block_forward(blk, xb, kw, slice(i, i + bs))
                     torch.autograd.backward(out.float(), g[i : i + bs].to(device))
                     g_in.append(xb.grad.float().to(g.device))
                     for name, m in mods.items():

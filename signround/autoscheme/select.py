@@ -150,12 +150,14 @@ def units_by_block(req: Request, plan: QuantPlan) -> dict[str, list[tuple[int, l
 
 
 def select(req: Request, model: nn.Module, plan: QuantPlan, calib_ids: torch.Tensor, cfg: TuneConfig,
-           devmap: DeviceMap, source: WeightSource) -> Selection:
-    """Score every group at every option block by block, then the exact budgeted choice."""
+           devmap: DeviceMap, source: WeightSource, calib_extras: list[dict] | None = None) -> Selection:
+    """Score every group at every option block by block, then the exact budgeted choice
+    (``calib_extras``: image-text samples' other model inputs)."""
     t0 = time.time()
     bs = req.auto.batch_size or cfg.batch_size
     scores = score_groups(model, plan.block_names, units_by_block(req, plan), len(req.groups), req.options,
-                          req.layer_specs, calib_ids, cfg, devmap, source, min(bs, calib_ids.shape[0]))
+                          req.layer_specs, calib_ids, cfg, devmap, source, min(bs, calib_ids.shape[0]),
+                          calib_extras=calib_extras)
     chosen = choose(req.costs, scores, req.budget * req.params - req.fixed_bits)
     sel = _selection(req, chosen, scores, time.time() - t0)
     logger.info("%s", format_table(sel, [n for n, _ in req.auto.specs]))

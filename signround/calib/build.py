@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
+from .images import image_text_rows, is_image_text
 from .sources import Sample, load_samples
 from .spec import DatasetSpec, parse_dataset_spec
 
@@ -123,3 +124,43 @@ def build_calibration(
     if len(rows) < nsamples:
         logger.warning("only %d calibration samples of %d tokens are available (asked for %d); using them all", len(rows), seqlen, nsamples)
     return torch.tensor(rows[:nsamples], dtype=torch.long)
+
+
+def uses_images(dataset: Any) -> bool:
+    """A dataset spec naming image-text data (a VLM's calibration on images)."""
+    return isinstance(dataset, str) and bool(dataset.strip()) and any(
+        is_image_text(s) for s in parse_dataset_spec(dataset))
+
+
+def build_image_text_calibration(
+    dataset: str,
+    processor: Any,
+    image_token_id: int | None,
+    seqlen: int,
+    nsamples: int,
+    seed: int = 42,
+    extra_data_dir: str | None = None,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Token ids ``[n, seqlen]`` and each sample's other model inputs (pixel values, image grids, token
+    types; ``{}`` for text samples) for a spec naming image-text data, text datasets beside it allowed."""
+    if seqlen <= 0 or nsamples <= 0:
+        raise CalibrationError(f"seqlen and nsamples must be positive (got seqlen={seqlen}, nsamples={nsamples})")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rows: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+    for i, spec in enumerate(parse_dataset_spec(dataset)):
+        want = min(spec.num or nsamples, nsamples)
+        if is_image_text(spec):
+            rows += image_text_rows(spec, processor, image_token_id, seqlen, want, seed + i, extra_data_dir)
+            continue
+        samples = load_samples(spec)
+        if not samples:
+            raise CalibrationError(f"calibration dataset {spec.name!r} is empty")
+        rows += [(r, {}) for r in _chunks(spec, samples, tokenizer, seqlen, want, seed + i)]
+    if not rows:
+        raise CalibrationError(f"no calibration sample has {seqlen} tokens; lower --seqlen")
+    random.Random(seed).shuffle(rows)
+    rows = rows[:nsamples]
+    if len(rows) < nsamples:
+        logger.warning("only %d calibration samples of %d tokens are available (asked for %d); using them all",
+                       len(rows), seqlen, nsamples)
+    return torch.tensor([r for r, _ in rows], dtype=torch.long), [e for _, e in rows]

@@ -6,6 +6,11 @@ rotary embeddings, cache position; keyword or positional) are recorded per block
 single-sample forward in which only block 0 computes, so architectures whose blocks get different
 masks (sliding-window layers) are served too. Samples are all full-length and unpadded, so
 single-sample arguments broadcast over any batch.
+
+Image-text samples (a VLM calibrated on images) make some arguments differ between samples (Qwen2-VL's
+M-RoPE rotary tables, Gemma 3's bidirectional image masks): they are recorded sample by sample, and an
+argument that differs is kept as :class:`PerSample`, whose rows a forward over samples ``idx`` takes
+(:func:`block_forward`'s ``idx``).
 """
 
 from __future__ import annotations
@@ -41,15 +46,23 @@ def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _detach(obj: Any, device: torch.device | str) -> Any:
+def _detach(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """``obj`` detached onto ``device``; ``memo`` (within one forward) makes the blocks' shared
+    arguments (one rotary table for all of them) one stored tensor, not one copy per block. It keeps
+    each source alive too, so no later tensor can take a recorded one's address."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
+        if memo is None:
+            return obj.detach().to(device)
+        key = (obj.data_ptr(), obj.shape, obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = (obj, obj.detach().to(device))
+        return memo[key][1]
     if isinstance(obj, tuple):
-        return tuple(_detach(o, device) for o in obj)
+        return tuple(_detach(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_detach(o, device) for o in obj]
+        return [_detach(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v, device) for k, v in obj.items()}
+        return {k: _detach(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -57,6 +70,76 @@ def _model_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     p = emb.weight if emb is not None else next(model.parameters())
     return p.device
+
+
+class PerSample:
+    """A block argument that differs between calibration samples: one batch-1 tensor per sample;
+    a forward over samples ``idx`` gets their rows concatenated (the batch dimension is the first)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: list[torch.Tensor]):
+        self.values = values
+
+    def take(self, idx: slice | torch.Tensor | list[int]) -> torch.Tensor:
+        rows = range(len(self.values))[idx] if isinstance(idx, slice) else (
+            idx.tolist() if isinstance(idx, torch.Tensor) else idx)
+        return torch.cat([self.values[i] for i in rows])
+
+    def map(self, fn) -> "PerSample":
+        return PerSample([fn(v) for v in self.values])
+
+
+def _per_sample_in(obj: Any) -> bool:
+    if isinstance(obj, PerSample):
+        return True
+    if isinstance(obj, (tuple, list)):
+        return any(_per_sample_in(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_per_sample_in(o) for o in obj.values())
+    return False
+
+
+def select_samples(kwargs: dict[str, Any], idx: slice | torch.Tensor | None) -> dict[str, Any]:
+    """``kwargs`` for the samples ``idx``: each :class:`PerSample` argument replaced by their rows."""
+    if not _per_sample_in(kwargs):
+        return kwargs
+    if idx is None:
+        raise ValueError("block arguments differ between samples: the forward must say which samples it runs")
+
+    def pick(o: Any) -> Any:
+        if isinstance(o, PerSample):
+            return o.take(idx)
+        if isinstance(o, (tuple, list)):
+            return type(o)(pick(x) for x in o)
+        if isinstance(o, dict):
+            return {k: pick(v) for k, v in o.items()}
+        return o
+
+    return {k: pick(v) for k, v in kwargs.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)))
+    return a == b
+
+
+def merge_samples(records: list[Any], where: str = "") -> Any:
+    """One sample's recorded arguments each (same structure): what all samples share stays as it is,
+    a tensor that differs becomes :class:`PerSample`."""
+    first = records[0]
+    if isinstance(first, dict):
+        return {k: merge_samples([r[k] for r in records], f"{where}.{k}" if where else k) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(merge_samples([r[i] for r in records], f"{where}[{i}]") for i in range(len(first)))
+    if all(_same(first, r) for r in records[1:]):
+        return first
+    if not all(isinstance(r, torch.Tensor) and r.shape == first.shape and r.shape[:1] == (1,) for r in records):
+        raise ValueError(f"block argument {where!r} differs between calibration samples in a way that cannot be "
+                         "batched; calibrate on text (leave the image-text dataset out)")
+    return PerSample(list(records))
 
 
 class Captured(NamedTuple):
@@ -78,6 +161,17 @@ def float32_hidden(model: nn.Module):
         handle.remove()
 
 
+def _sample_inputs(input_ids: torch.Tensor, extras: list[dict[str, Any]] | None, i: int, j: int,
+                   device: torch.device) -> dict[str, Any]:
+    """The model's inputs for samples ``i:j``: token ids, and an image-text sample's other inputs
+    (pixel values, image grids, token types; such samples go one at a time)."""
+    out: dict[str, Any] = {"input_ids": input_ids[i:j].to(device)}
+    if extras is not None:
+        assert j - i == 1, "image-text samples are forwarded one at a time"
+        out.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extras[i].items()})
+    return out
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -86,16 +180,22 @@ def capture_block_inputs(
     batch_size: int,
     store_device: torch.device | str = "cpu",
     output_len: int | None | bool = False,
+    extras: list[dict[str, Any]] | None = None,
+    hidden: bool = True,
 ) -> Captured:
     """Hidden states entering block 0 as float32 ``[N, L, H]``, per-block keyword arguments, and
     the shape of a block's output (needed to run the model's tail from stored hidden states).
 
     ``output_len`` known (None: blocks return a tensor; n: a tuple of n): no block runs at all,
     every one passes its input through while the arguments are recorded; ``False``: the first
-    block runs once on one sample to find out."""
+    block runs once on one sample to find out. ``extras``: each sample's model inputs besides its
+    ids (image-text data); the arguments are then recorded per sample and merged
+    (:func:`merge_samples`). ``hidden`` False: the arguments alone (a resumed run has its chains)."""
     device = _model_device(model)
     first = get_module(model, block_names[0])
     chunks: list[torch.Tensor] = []
+    n = input_ids.shape[0]
+    step = 1 if extras is not None else batch_size
 
     def stop_hook(_mod, args, kwargs):
         chunks.append(_hidden_from(args, kwargs).detach().to(store_device, torch.float32))
@@ -103,32 +203,40 @@ def capture_block_inputs(
 
     handle = first.register_forward_pre_hook(stop_hook, with_kwargs=True)
     try:
-        for i in range(0, input_ids.shape[0], batch_size):
+        for i in range(0, n if hidden else 0, step):
             try:
-                model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False)
+                model(**_sample_inputs(input_ids, extras, i, min(i + step, n), device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
+    states = torch.cat(chunks) if chunks else torch.empty(0)
 
-    if output_len is not False:
-        kwargs = _block_kwargs(model, block_names, input_ids[:1].to(device), store_device, output_len=output_len)
-        return Captured(torch.cat(chunks), kwargs, output_len)
-    out_len: list[int | None] = []
-    handle = first.register_forward_hook(
-        lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
-    try:
-        kwargs = _block_kwargs(model, block_names, input_ids[:1].to(device), store_device)
-    finally:
-        handle.remove()
-    return Captured(torch.cat(chunks), kwargs, out_len[0] if out_len else None)
+    if output_len is False:
+        out_len: list[int | None] = []
+        handle = first.register_forward_hook(
+            lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
+        try:
+            kwargs = _block_kwargs(model, block_names, _sample_inputs(input_ids, extras, 0, 1, device), store_device)
+        finally:
+            handle.remove()
+        output_len = out_len[0] if out_len else None
+    else:
+        kwargs = _block_kwargs(model, block_names, _sample_inputs(input_ids, extras, 0, 1, device), store_device,
+                               output_len=output_len)
+    if extras is not None and n > 1:
+        per = [kwargs] + [_block_kwargs(model, block_names, _sample_inputs(input_ids, extras, i, i + 1, device),
+                                        store_device, output_len=output_len) for i in range(1, n)]
+        kwargs = {name: merge_samples([p[name] for p in per], name) for name in block_names}
+    return Captured(states, kwargs, output_len)
 
 
 def _block_kwargs(
-    model: nn.Module, block_names: list[str], sample: torch.Tensor, store_device: torch.device | str,
+    model: nn.Module, block_names: list[str], sample: dict[str, Any], store_device: torch.device | str,
     shortcut: bool = True, output_len: int | None | bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Each block's arguments besides the hidden states, from one forward of ``sample``: keywords,
+    """Each block's arguments besides the hidden states, from one forward of ``sample`` (the model's
+    inputs for one sample): keywords,
     and positional ones under :data:`POSITIONAL`.
 
     The arguments come from the model's forward before its block loop (masks, rotary tables), not
@@ -141,6 +249,7 @@ def _block_kwargs(
     known = output_len is not False  # every block passes through, block 0 included
     out_like: list[Any] = [None if output_len is None else (None,) * output_len] if known else []
     recorded: dict[str, dict[str, Any]] = {}
+    memo: dict = {}  # the blocks share their masks and rotary tables: stored once
 
     def record(name: str, args: tuple, kwargs: dict[str, Any]) -> None:
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -149,7 +258,7 @@ def _block_kwargs(
         kw["use_cache"] = False
         for k in ("past_key_values", "past_key_value", "layer_past"):
             kw.pop(k, None)
-        recorded[name] = _detach(kw, store_device)
+        recorded[name] = _detach(kw, store_device, memo)
 
     def passthrough(*args: Any, **kwargs: Any) -> Any:
         hidden = _hidden_from(args, kwargs)
@@ -175,7 +284,7 @@ def _block_kwargs(
                 patched.append((block, block.__dict__.get("forward")))  # accelerate keeps its hook there
                 block.forward = passthrough
         try:
-            model(input_ids=sample, use_cache=False)
+            model(**sample, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -211,6 +320,8 @@ def cast_kwargs(kwargs: dict[str, Any], device: torch.device | str, dtype: torch
     def conv(o: Any) -> Any:
         if isinstance(o, torch.Tensor):
             return o.to(device, dtype) if o.is_floating_point() else o.to(device)
+        if isinstance(o, PerSample):
+            return o.map(conv)
         if isinstance(o, (tuple, list)):
             return type(o)(conv(x) for x in o)
         if isinstance(o, dict):
@@ -220,9 +331,11 @@ def cast_kwargs(kwargs: dict[str, Any], device: torch.device | str, dtype: torch
     return {k: conv(v) for k, v in kwargs.items()}
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The block's hidden-state output for ``x``, called as the model calls it (captured arguments)."""
-    kw = dict(kwargs)
+def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any],
+                  idx: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """The block's hidden-state output for ``x``, called as the model calls it (captured arguments);
+    ``idx``: which calibration samples ``x`` holds, for arguments that differ between samples."""
+    kw = dict(select_samples(kwargs, idx))
     out = block(x, *kw.pop(POSITIONAL, ()), **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
 

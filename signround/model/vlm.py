@@ -94,3 +94,27 @@ def nontext_linear_names(model: nn.Module) -> list[str]:
             if isinstance(mod, QUANTIZABLE_TYPES):
                 out.append(f"{top}.{sub}" if sub else top)
     return out
+
+
+def image_token_id(config: Any) -> int | None:
+    """The id of the token an image's features replace (which image-text samples must keep whole)."""
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def load_processor(model_dir: str | None, trust_remote_code: bool = False) -> Any:
+    """The model's processor (AutoProcessor), which image-text calibration samples are made with."""
+    if model_dir is None:
+        raise ConfigError("image-text calibration of an in-memory model needs its processor: pass processor=")
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(
+            f"image-text calibration needs the model's processor, and AutoProcessor could not load it from "
+            f"{model_dir} ({type(e).__name__}: {str(e)[:300]}); install what it names (Qwen2-VL's video processor "
+            "needs torchvision), pass processor= in the API, or calibrate on text") from e

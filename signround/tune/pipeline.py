@@ -103,10 +103,10 @@ def restore_weights(model: nn.Module, result: QuantResult, names: list[str] | No
         module.weight = nn.Parameter(w.to(device or "cpu"), requires_grad=meta.requires_grad)
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
-    """``fn`` over ``x`` in batches, computed in float32, stored like ``x`` (the cache dtype)."""
+def _batched(fn: Callable[[torch.Tensor, slice], torch.Tensor], x: torch.Tensor, bs: int, device, store) -> torch.Tensor:
+    """``fn(batch, its samples)`` over ``x`` in batches, computed in float32, stored like ``x`` (the cache dtype)."""
     with torch.no_grad():
-        return torch.cat([fn(x[i : i + bs].to(device, torch.float32)).to(store, x.dtype)
+        return torch.cat([fn(x[i : i + bs].to(device, torch.float32), slice(i, i + bs)).to(store, x.dtype)
                           for i in range(0, x.shape[0], bs)])
 
 
@@ -205,6 +205,7 @@ def quantize_model(
     checkpoint: Checkpointer | None = None,
     probe_stored: bool = False,
     show_progress: bool = True,
+    calib_extras: list[dict[str, Any]] | None = None,
 ) -> QuantResult:
     """Quantize every block in order, then the layers outside blocks (lm_head).
 
@@ -215,6 +216,7 @@ def quantize_model(
     chain; its logits (``result.probe_logits``) are the reference for checking saved files
     (``probe_stored``: also with the weights rounded to the model's dtype, what ``fake`` stores).
     ``checkpoint``: resume state, read before the loop and written after each block.
+    ``calib_extras``: each calibration sample's model inputs besides its ids (image-text data).
     """
     source = source or InMemorySource()
     devmap = device if isinstance(device, DeviceMap) else DeviceMap((torch.device(device or (
@@ -245,8 +247,10 @@ def quantize_model(
     block_kwargs: dict[str, dict[str, Any]] = {}
     out_len = None
     if calibrated:
-        # a resumed run has the chains on disk; the per-block arguments come from one sample
-        cap = capture_block_inputs(model, blocks, calib_ids[:1] if point else calib_ids, bs, store)
+        # a resumed run has the chains on disk; the per-block arguments come from one sample (from
+        # every one when they differ between samples: image-text data)
+        cap = capture_block_inputs(model, blocks, calib_ids[:1] if point and calib_extras is None else calib_ids, bs,
+                                   store, extras=calib_extras, hidden=not point)
         x_fp = x_q = cap.hidden.to(cache)
         block_kwargs, out_len = cap.kwargs, cap.output_len
         # inputs and targets of both chains, and a block's outputs, held at once
@@ -321,17 +325,17 @@ def quantize_model(
                 set_calibrate_all(blk, cfg.calibrate_all_experts)
             kws = [cast_kwargs(block_kwargs[b], device, torch.float32) for b in group]
 
-            def run(u: nn.Module, xb: torch.Tensor, kws=kws) -> torch.Tensor:
+            def run(u: nn.Module, xb: torch.Tensor, idx: slice | torch.Tensor, kws=kws) -> torch.Tensor:
                 with _autocast(device, cfg):
                     for blk_i, kw_i in zip(u if isinstance(u, BlockGroup) else (u,), kws):
-                        xb = block_forward(blk_i, xb, kw_i)
+                        xb = block_forward(blk_i, xb, kw_i, idx)
                     return xb
 
             if index == start:
-                sample_s = time_sample_forward(lambda xb: run(unit, xb), x_fp, device) / len(blks)
+                sample_s = time_sample_forward(lambda xb: run(unit, xb, slice(0, 1)), x_fp, device) / len(blks)
                 log_estimate(cfg, sample_s, x_fp.shape[0], len(blocks) - start, device)
             with RoutedTokens(unit) as routed:  # MoE: the tokens each expert is tuned on
-                y_fp = _batched(lambda xb: run(unit, xb), x_fp, bs, device, store)
+                y_fp = _batched(lambda xb, sl: run(unit, xb, sl), x_fp, bs, device, store)
             if unit_names:
                 layers = {rel: (get_module(model, n), plan.specs[n]) for rel, n in unit_names.items()}
                 bar_step = _live_loss(bar, cfg)
@@ -344,14 +348,14 @@ def quantize_model(
                 attn = [m for b in group for _, m in kvcache.attention_modules(model, b)]
                 kvcache.observe(attn, plan.static_attention)
                 with torch.no_grad():
-                    _batched(lambda xb: run(unit, xb), x_q, bs, device, store)
+                    _batched(lambda xb, sl: run(unit, xb, sl), x_q, bs, device, store)
                 kvcache.freeze(attn)
             if not cfg.enable_quanted_input:
                 x_q = y_fp
             elif unit_names:
                 x_q = res.outputs.to(store, cache)  # the tuned unit's outputs, from its final loss pass
             else:
-                x_q = _batched(lambda xb: run(unit, xb), x_q, bs, device, store)
+                x_q = _batched(lambda xb, sl: run(unit, xb, sl), x_q, bs, device, store)
             x_fp = y_fp
             for blk in blks:
                 set_calibrate_all(blk, False)
@@ -541,7 +545,7 @@ def _quantize_outside_layer(model, name, plan, cfg, calib_ids, x_last, out_len, 
     w_fp = get_weight(mod).detach().clone()
     b_fp = None if mod.bias is None else mod.bias.detach().clone()
 
-    def run(unit, xb):
+    def run(unit, xb, _idx):
         with _autocast(device, cfg):
             return unit(xb)
 

@@ -395,7 +395,7 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, suppress: bool = False) 
 
 
 def _full_pass(
-    run: Callable[[torch.Tensor], torch.Tensor],
+    run: Callable[[torch.Tensor, slice], torch.Tensor],
     x: torch.Tensor,
     target: Callable[[slice], torch.Tensor],
     bs: int,
@@ -407,7 +407,7 @@ def _full_pass(
     with torch.no_grad():
         for i in range(0, x.shape[0], bs):
             sl = slice(i, i + bs)
-            out = run(x[sl])
+            out = run(x[sl], sl)
             per.append(sample_errors(out, target(sl), suppress).double().mean(1).cpu())
             if keep_outputs:
                 outs.append(out.to(x.device, x.dtype))  # stored like the inputs (the cache dtype)
@@ -459,7 +459,7 @@ def tune_unit(
 
     ``layers`` maps a name relative to ``unit`` ("" when the unit is the layer itself) to
     (module, spec). ``target(idx_or_slice, x_batch)`` gives the fp outputs for those samples;
-    ``run(unit, x)`` computes the unit's output. ``init(importance)`` returns starting
+    ``run(unit, x, idx)`` computes the unit's output for them. ``init(importance)`` returns starting
     (min_scale, max_scale) per layer from the per-channel input importance, which is collected
     during the plain-RTN pass (inputs of later layers thus see earlier layers quantized).
     With ``keep_outputs`` the unit's outputs for the kept parameters come back too (the next
@@ -497,7 +497,7 @@ def tune_unit(
         layer_list = list(wrappers.values())
         # cached activations may be half precision; the block computes in float32 (or autocast)
         full_target = lambda sl: target(sl, x_q[sl].to(device, torch.float32))  # noqa: E731
-        run_unit = lambda xb: run(unit, xb.to(device, torch.float32))  # noqa: E731
+        run_unit = lambda xb, sl: run(unit, xb.to(device, torch.float32), sl)  # noqa: E731
 
         def full_pass(keep: bool = False) -> _Pass:
             with shared_weights(layer_list, grad=False, dtype=compute_dtype):  # one qdq per layer for the pass
@@ -572,7 +572,7 @@ def tune_unit(
                             tb = target(sub, xb)
                         share = len(sub) / (len(idx) * cfg.gradient_accumulate_steps)
                         with torch.no_grad() if last_unscored else contextlib.nullcontext():
-                            loss = block_loss(run(unit, xb), tb, suppress) * share
+                            loss = block_loss(run(unit, xb, sub), tb, suppress) * share
                         if not last_unscored:
                             loss.backward()
                         total += loss.item()
