@@ -78,13 +78,19 @@ def _expert_size_read():
 
 
 def gguf_unreadable(directory: Path) -> str | None:
-    """Why transformers cannot load this GGUF file back, or None: it reads llama-architecture files
-    (Mixtral's) as a dense Llama, without their experts."""
+    """Why transformers cannot load this GGUF file back, or None: it has no reader for some
+    architectures (llama4), and reads llama-architecture files (Mixtral's) as a dense Llama, without
+    their experts."""
     from gguf import GGUFReader
 
     (path,) = directory.glob("*.gguf")
     fields = GGUFReader(str(path)).fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
+        return (f"transformers has no GGUF reader for the {arch} architecture; "
+                "benchmarks/check_gguf_families_llamacpp.py checks such files with llama.cpp")
     count = fields.get(f"{arch}.expert_count")
     if arch == "llama" and count is not None and int(count.parts[-1][0]) > 0:
         return ("transformers reads llama-architecture GGUF files without their experts; "

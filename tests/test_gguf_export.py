@@ -282,6 +282,54 @@ def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path
         assert report["status"] == "skipped" and "llama.cpp" in report["reason"]
 
 
+def test_llama4_gguf_interleaves_dense_and_moe_layers(tmp_path_factory, stories_dir, tmp_path):
+    """Llama 4 text (experts fused on disk, MoE in every second layer, a shared expert): dense layers keep
+    ffn_gate/up/down, MoE layers get the stacked experts in expert order, the shared expert as *_shexp
+    and the router in float32; the metadata llama.cpp's llama4 graph reads. (llama.cpp computes our
+    model's perplexity from it: benchmarks/check_gguf_families_llamacpp.py --families llama4.)"""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    src = wide_model(tmp_path_factory.mktemp("llama4"), stories_dir, False, "llama4")
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    (f,) = out.glob("*.gguf")
+    reader = GGUFReader(str(f))
+    tensors = {t.name: t for t in reader.tensors}
+    meta = {k: int(v.parts[-1][0]) for k, v in reader.fields.items() if k.startswith("llama4.") and len(v.parts[-1]) == 1}
+    assert meta["llama4.interleave_moe_layer_step"] == 2 and meta["llama4.expert_count"] == 8
+    assert meta["llama4.expert_used_count"] == 1
+    assert meta["llama4.feed_forward_length"] == 512 and meta["llama4.expert_feed_forward_length"] == 256
+    for layer in range(8):
+        moe = layer % 2 == 1
+        assert (f"blk.{layer}.ffn_gate_exps.weight" in tensors) == moe
+        assert (f"blk.{layer}.ffn_gate.weight" in tensors) == (not moe)
+    ff = model.model.layers[3].feed_forward
+    assert tensors["blk.3.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    for proj, stacked in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+        t = tensors[f"blk.3.{stacked}.weight"]
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        assert w.shape[0] == 8
+        for e in (0, 5, 7):
+            torch.testing.assert_close(w[e], getattr(ff.experts[e], proj).weight.detach().float(), rtol=0, atol=1e-6)
+        t = tensors[f"blk.3.ffn_{proj[:-5]}_shexp.weight"]
+        torch.testing.assert_close(torch.from_numpy(dequantize(t.data, t.tensor_type).copy()),
+                                   getattr(ff.shared_expert, proj).weight.detach().float(), rtol=0, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())["self_check"][0]
+    assert report["status"] == "skipped" and "llama.cpp" in report["reason"]
+
+
+def test_llama4_gguf_refuses_what_llama_cpp_fixes_otherwise(tmp_path_factory, stories_dir, tmp_path):
+    src = wide_model(tmp_path_factory.mktemp("llama4"), stories_dir, False, "llama4")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["attention_chunk_size"] = 4096
+    (src / "config.json").write_text(json.dumps(cfg))
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True)
+    with pytest.raises(ExportError, match="attention_chunk_size.*8192.*auto_round"):
+        ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    assert not (tmp_path / "o").exists()
+
+
 def test_moe_gguf_refuses_what_llama_cpp_computes_differently(tiny_model_dir, tmp_path):
     # tiny_models' Qwen3-MoE keeps transformers' default norm_topk_prob=False: llama.cpp renormalizes
     ar = AutoRound(str(tiny_model_dir("qwen3_moe")), scheme="GGUF:Q4_0", iters=0, disable_opt_rtn=True)

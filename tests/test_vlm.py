@@ -300,3 +300,29 @@ def test_autoscheme_scores_on_image_text_samples(vlm_dir, tmp_path):
     assert {r["option"] for r in ar.selection.rows} == {"W2A16G16", "W4A16G16"}
     assert all(r["scores"]["W2A16G16"] > r["scores"]["W4A16G16"] > 0 for r in ar.selection.rows)
     assert json.loads((tmp_path / "q" / "report.json").read_text())["self_check"][0]["status"] == "passed"
+
+
+def test_llama4_vlm_quantizes_every_expert_of_its_language_model_and_keeps_the_vision_model(tmp_path):
+    """Llama 4's image-text model nests a whole causal LM (``language_model.model.layers``, its own
+    ``lm_head``) beside ``vision_model`` and ``multi_modal_projector``; its fused experts are split and
+    quantized, the vision side is written byte for byte, and the output runs on an image."""
+    from tiny_models import build_tiny_llama4_vlm
+
+    src, image_id = build_tiny_llama4_vlm(tmp_path / "src", STORIES)
+    ar = AutoRound(str(src), iters=2, **QUICK)
+    assert ar.streamed and is_multimodal(ar._config)
+    assert ar.plan.block_names == ["language_model.model.layers.0", "language_model.model.layers.1"]
+    assert len(ar.plan.quantized) == 2 * (4 + 3 + 4 * 3)  # attention, shared expert, 4 experts x 3
+    ar.quantize_and_save(tmp_path / "q", format="auto_round")
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["self_check"][0]["status"] == "passed"
+    before, after = tensors(src), tensors(tmp_path / "q")
+    vision = [k for k in before if k.startswith(("vision_model.", "multi_modal_projector."))]
+    assert vision and all(torch.equal(after[k], before[k]) for k in vision)
+    assert "language_model.model.layers.1.feed_forward.experts.3.down_proj.qweight" in after
+    model = load_quantized(str(tmp_path / "q"), dtype=torch.float32)
+    ids = torch.tensor([[1, image_id, 5, 6, 7]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_image = model(input_ids=ids, pixel_values=pixels).logits
+        other_image = model(input_ids=ids, pixel_values=pixels.flip(-1)).logits
+    assert torch.isfinite(with_image).all() and (with_image - other_image).abs().max() > 1e-3

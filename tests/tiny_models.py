@@ -82,13 +82,18 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
 
 WIDE_FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                  "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig",
-                 "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig"}
+                 "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+                 "llama4": "Llama4TextConfig"}
 # MoE families: 8 experts of 256 (k-quant rows), top-2 routing renormalized as llama.cpp computes it
 WIDE_MOE = {"qwen3_moe": dict(moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
             "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
             # Qwen2-MoE: a shared expert beside them; llama.cpp does not renormalize its top-k weights
             "qwen2_moe": dict(moe_intermediate_size=256, shared_expert_intermediate_size=512, num_experts=8,
-                              num_experts_per_tok=2, norm_topk_prob=False)}
+                              num_experts_per_tok=2, norm_topk_prob=False),
+            # Llama 4: MoE in every second layer (a shared expert beside, sigmoid top-1), experts fused on
+            # disk; no rope in every fourth layer
+            "llama4": dict(intermediate_size=256, intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1,
+                           interleave_moe_layer_step=2, head_dim=32)}
 
 
 def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama", std: float = 0.05,
@@ -262,3 +267,32 @@ def image_inputs(arch: str, model_dir: Path, seed: int = 0) -> dict:
     if arch == "gemma3_vlm":
         out["token_type_ids"] = (out["input_ids"] == cfg["image_token_index"]).long()
     return out
+
+
+def build_tiny_llama4_vlm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> tuple[Path, int]:
+    """A tiny random Llama 4 vision-language model (``Llama4ForConditionalGeneration``: its language model
+    is a whole ``Llama4ForCausalLM``, MoE with experts fused on disk); a 28x28 image is one image token.
+    Returns the directory and the image token id."""
+    import transformers as t
+
+    tok = t.AutoTokenizer.from_pretrained(str(tokenizer_dir), split_special_tokens=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|image_start|>", "<|image_end|>", "<|patch|>"]})
+    image_id = tok.convert_tokens_to_ids("<|patch|>")
+    cfg = t.Llama4Config(
+        text_config=dict(hidden_size=64, intermediate_size=48, intermediate_size_mlp=80, num_local_experts=4,
+                         num_experts_per_tok=1, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=520, interleave_moe_layer_step=1, max_position_embeddings=256),
+        # the projector's MLP takes the pixel-shuffled patches: hidden / ratio^2 channels
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                           projector_output_dim=64, pixel_shuffle_ratio=0.5),
+        image_token_index=image_id)
+    torch.manual_seed(seed)
+    model = t.AutoModelForImageTextToText.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(str(out_dir))
+    return out_dir, image_id

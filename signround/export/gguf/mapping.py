@@ -4,7 +4,8 @@ Only families listed here are exported; anything else is refused before tuning w
 Llama-family q/k weights are permuted from Hugging Face's rotate-half rope layout to the
 interleaved one llama.cpp computes with (rows only, so packed blocks are permuted as rows too).
 Gemma3's RMSNorm multiplies by ``1 + weight``; llama.cpp multiplies by the stored weight, so its
-norm weights are written shifted by +1.
+norm weights are written shifted by +1. Llama 4 rotates adjacent pairs as llama.cpp does (no
+permutation); its MLPs sit under ``feed_forward``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ _SHARED = {
     "model.layers.{i}.mlp.shared_expert_gate.weight": "blk.{i}.ffn_gate_inp_shexp.weight",
 }
 
+# Llama 4 text: dense and MoE layers interleaved, both under feed_forward; the router and the shared expert
+_LLAMA4_TENSORS = {
+    **{k.replace(".mlp.", ".feed_forward."): v for k, v in _LLAMA_TENSORS.items()},
+    "model.layers.{i}.feed_forward.router.weight": "blk.{i}.ffn_gate_inp.weight",
+    **{f"model.layers.{{i}}.feed_forward.shared_expert.{p}_proj.weight": f"blk.{{i}}.ffn_{p}_shexp.weight"
+       for p in ("gate", "up", "down")},
+}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
     "mistral": Family("llama", True, _LLAMA_TENSORS),
@@ -93,9 +102,10 @@ FAMILIES: dict[str, Family] = {
     # Mixtral is llama.cpp's llama architecture with experts (w1 gate, w3 up, w2 down)
     "mixtral": Family("llama", True, {**_LLAMA_TENSORS, **_ROUTER},
                       experts={"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}),
+    "llama4_text": Family("llama4", False, _LLAMA4_TENSORS, experts=_STACKED),
 }
 
-_EXPERT = re.compile(r".*\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT = re.compile(r".*\.layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
 def expert_slot(hf_name: str) -> int | None:
@@ -186,8 +196,37 @@ def _gemma3(config: Any, head_dim: int, swa_rope: dict | None) -> list[tuple[str
     return kv
 
 
+# what llama.cpp's llama4 graph fixes rather than reads: chunked attention over 8192 tokens in three
+# layers of four (the fourth global and without rope), attention temperature tuning of those layers
+_LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
+
+
+def _llama4(config: Any) -> list[tuple[str, Any]]:
+    for key, value in _LLAMA4_FIXED.items():
+        if getattr(config, key, value) != value:
+            raise ExportError(f"this Llama 4 config has {key}={getattr(config, key)!r}; llama.cpp's llama4 graph "
+                              f"fixes it at {value!r}; use --format auto_round")
+    n = config.num_hidden_layers
+    if list(getattr(config, "no_rope_layers", None) or []) != [int((i + 1) % 4 != 0) for i in range(n)]:
+        raise ExportError("this Llama 4 config skips rope on other layers than every fourth, which llama.cpp's llama4 "
+                          "graph assumes; use --format auto_round")
+    step = int(getattr(config, "interleave_moe_layer_step", 1) or 0)
+    moe = list(getattr(config, "moe_layers", None) or [])
+    if not step or moe != [i for i in range(n) if (i + 1) % step == 0]:
+        raise ExportError(f"this Llama 4 config's MoE layers {moe} are not every {step}th layer, as llama.cpp's llama4 "
+                          "graph places them; use --format auto_round")
+    if getattr(config, "use_qk_norm", True) != (n_experts(config) != 128):
+        raise ExportError("llama.cpp's llama4 graph normalizes q and k unless the model has 128 experts, and this "
+                          f"config has use_qk_norm={config.use_qk_norm}; use --format auto_round")
+    return [("add_interleave_moe_layer_step", step), ("add_expert_feed_forward_length", int(config.intermediate_size))]
+
+
 def _moe(fam: Family, config: Any) -> list[tuple[str, Any]]:
-    # llama.cpp renormalizes the top-k routing weights of qwen3moe and llama (Mixtral), not qwen2moe's
+    # llama.cpp renormalizes the top-k routing weights of qwen3moe and llama (Mixtral), not qwen2moe's;
+    # Llama 4 weighs each expert by its own sigmoid (no renormalization either)
+    if fam.arch == "llama4":
+        return [("add_expert_count", n_experts(config)), ("add_expert_used_count", int(config.num_experts_per_tok)),
+                *_llama4(config)]
     renorm = fam.arch != "qwen2moe"
     if bool(getattr(config, "norm_topk_prob", renorm)) != renorm:
         raise ExportError(f"this MoE config {'does not renormalize' if renorm else 'renormalizes'} its top-k routing "
@@ -215,7 +254,8 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
         ("add_context_length", config.max_position_embeddings),
         ("add_embedding_length", config.hidden_size),
         ("add_block_count", config.num_hidden_layers),
-        ("add_feed_forward_length", config.intermediate_size),
+        # Llama 4: the dense layers' size (intermediate_size is its experts')
+        ("add_feed_forward_length", getattr(config, "intermediate_size_mlp", None) or config.intermediate_size),
         ("add_head_count", config.num_attention_heads),
         ("add_head_count_kv", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         ("add_rope_dimension_count", int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))),
@@ -223,7 +263,7 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
     ]
-    if fam.arch in ("qwen3", "qwen3moe", "gemma3") or head_dim * config.num_attention_heads != config.hidden_size:
+    if fam.arch in ("qwen3", "qwen3moe", "gemma3", "llama4") or head_dim * config.num_attention_heads != config.hidden_size:
         kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
     if fam.arch == "phi3" and getattr(config, "sliding_window", None):
         kv.append(("add_sliding_window", config.sliding_window))
