@@ -88,9 +88,14 @@ def gguf_unreadable(directory: Path) -> str | None:
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
+    # transformers' names for llama.cpp's: qwen3moe -> qwen3_moe, gpt-oss -> gpt_oss
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe").replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
         return (f"transformers has no GGUF reader for the {arch} architecture; "
                 "benchmarks/check_gguf_families_llamacpp.py checks such files with llama.cpp")
+    if arch == "gpt-oss" and any(k.startswith("gpt-oss.rope.scaling.") for k in fields):
+        return ("transformers' gpt-oss GGUF reader takes each rope-scaling key's length for its value (its YaRN "
+                "factor comes out wrong or fails); benchmarks/check_gguf_families_llamacpp.py checks such files "
+                "with llama.cpp")
     count = fields.get(f"{arch}.expert_count")
     if arch == "llama" and count is not None and int(count.parts[-1][0]) > 0:
         return ("transformers reads llama-architecture GGUF files without their experts; "

@@ -319,13 +319,60 @@ def test_llama4_gguf_interleaves_dense_and_moe_layers(tmp_path_factory, stories_
     assert report["status"] == "skipped" and "llama.cpp" in report["reason"]
 
 
-def test_llama4_gguf_refuses_what_llama_cpp_fixes_otherwise(tmp_path_factory, stories_dir, tmp_path):
-    src = wide_model(tmp_path_factory.mktemp("llama4"), stories_dir, False, "llama4")
+def test_gpt_oss_gguf_stacks_experts_with_their_biases_and_keeps_sinks(tmp_path_factory, stories_dir, tmp_path):
+    """gpt-oss (experts fused on disk, gate/up interleaved): each projection's experts stacked with their
+    biases ([experts, out]), attention sinks and the router's bias in float32, the window pattern and
+    YaRN rope llama.cpp reads. (llama.cpp computes our model's perplexity from it:
+    benchmarks/check_gguf_families_llamacpp.py --families gpt_oss.)"""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    src = wide_model(tmp_path_factory.mktemp("gpt_oss"), stories_dir, False, "gpt_oss")
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    (f,) = out.glob("*.gguf")
+    reader = GGUFReader(str(f))
+    tensors = {t.name: t for t in reader.tensors}
+    field = lambda k: reader.fields[k].parts[-1].tolist()  # noqa: E731
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "gpt-oss"
+    assert field("gpt-oss.attention.sliding_window") == [16] and field("gpt-oss.expert_feed_forward_length") == [256]
+    pattern = [bool(reader.fields["gpt-oss.attention.sliding_window_pattern"].parts[i][0])
+               for i in reader.fields["gpt-oss.attention.sliding_window_pattern"].data]
+    assert pattern == [True, False] * 4
+    assert field("gpt-oss.rope.scaling.factor") == [32.0] and field("gpt-oss.rope.scaling.original_context_length") == [4096]
+    layer = model.model.layers[2]
+    sinks = tensors["blk.2.attn_sinks.weight"]
+    assert sinks.tensor_type.name == "F32"
+    torch.testing.assert_close(torch.from_numpy(sinks.data.copy()), layer.self_attn.sinks.detach().float())
+    torch.testing.assert_close(torch.from_numpy(tensors["blk.2.ffn_gate_inp.bias"].data.copy()),
+                               layer.mlp.router.bias.detach().float())
+    for proj, stacked in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+        t = tensors[f"blk.2.{stacked}.weight"]
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        bias = torch.from_numpy(tensors[f"blk.2.{stacked}.bias"].data.copy())
+        assert w.shape[0] == bias.shape[0] == 8
+        for e in (0, 6):
+            mod = getattr(layer.mlp.experts[e], proj)
+            torch.testing.assert_close(w[e], mod.weight.detach().float(), rtol=0, atol=1e-6)
+            torch.testing.assert_close(bias[e], mod.bias.detach().float())
+    report = json.loads((out / "report.json").read_text())["self_check"][0]
+    assert report["status"] == "skipped" and "rope-scaling" in report["reason"]
+
+
+@pytest.mark.parametrize("family,key,value,message", [
+    ("llama4", "attention_chunk_size", 4096, "attention_chunk_size.*8192"),
+    ("gpt_oss", "swiglu_limit", 5.0, "SwiGLU at 5.0.*7.0"),
+    ("gpt_oss", "rope_parameters", {"rope_type": "yarn", "factor": 32.0, "beta_fast": 16.0, "beta_slow": 1.0,
+                                    "original_max_position_embeddings": 4096, "rope_theta": 150000.0}, "beta_fast=16.0"),
+])
+def test_gguf_refuses_what_llama_cpp_fixes_otherwise(family, key, value, message, tmp_path_factory, stories_dir, tmp_path):
+    """Settings llama.cpp's graph hard-codes instead of reading: refused before quantizing, naming them."""
+    src = wide_model(tmp_path_factory.mktemp(family), stories_dir, False, family)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["attention_chunk_size"] = 4096
+    cfg[key] = value
     (src / "config.json").write_text(json.dumps(cfg))
     ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True)
-    with pytest.raises(ExportError, match="attention_chunk_size.*8192.*auto_round"):
+    with pytest.raises(ExportError, match=message + ".*auto_round"):
         ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
     assert not (tmp_path / "o").exists()
 

@@ -83,7 +83,7 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
 WIDE_FAMILIES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                  "qwen3": "Qwen3Config", "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig",
                  "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-                 "llama4": "Llama4TextConfig"}
+                 "llama4": "Llama4TextConfig", "gpt_oss": "GptOssConfig"}
 # MoE families: 8 experts of 256 (k-quant rows), top-2 routing renormalized as llama.cpp computes it
 WIDE_MOE = {"qwen3_moe": dict(moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
             "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
@@ -93,7 +93,11 @@ WIDE_MOE = {"qwen3_moe": dict(moe_intermediate_size=256, num_experts=8, num_expe
             # Llama 4: MoE in every second layer (a shared expert beside, sigmoid top-1), experts fused on
             # disk; no rope in every fourth layer
             "llama4": dict(intermediate_size=256, intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1,
-                           interleave_moe_layer_step=2, head_dim=32)}
+                           interleave_moe_layer_step=2, head_dim=32),
+            # gpt-oss: biases everywhere, attention sinks, a 16-token window in every other layer, YaRN rope;
+            # experts fused on disk with gate and up interleaved
+            "gpt_oss": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, head_dim=32,
+                            sliding_window=16, max_position_embeddings=131072)}
 
 
 def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama", std: float = 0.05,
@@ -121,8 +125,8 @@ def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama
         for p in model.parameters():
             if p.dim() in (2, 3):  # 3-D: fused experts
                 p.normal_(0, std)
-            elif family in ("qwen2", "qwen2_moe") and p.dim() == 1 and p.shape[0] != 256:
-                p.normal_(0, std)  # q/k/v biases
+            elif family in ("qwen2", "qwen2_moe", "gpt_oss") and p.dim() == 1 and p.shape[0] != 256:
+                p.normal_(0, std)  # q/k/v biases (gpt-oss: every bias, and the attention sinks)
             elif family == "gemma3" and p.dim() == 1:
                 p.normal_(0, 0.1)  # norms are stored as 1 + w: a random w checks the shift
     model.save_pretrained(out)

@@ -10,6 +10,7 @@ permutation); its MLPs sit under ``feed_forward``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,17 @@ _LLAMA4_TENSORS = {
        for p in ("gate", "up", "down")},
 }
 
+# gpt-oss: biases on attention, router and experts, per-head attention sinks, a norm after attention
+_GPT_OSS_TENSORS = {
+    **{k: v for k, v in _LLAMA_TENSORS.items() if ".mlp." not in k},
+    **_BIASES,
+    "model.layers.{i}.self_attn.o_proj.bias": "blk.{i}.attn_output.bias",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.self_attn.sinks": "blk.{i}.attn_sinks.weight",
+    "model.layers.{i}.mlp.router.weight": "blk.{i}.ffn_gate_inp.weight",
+    "model.layers.{i}.mlp.router.bias": "blk.{i}.ffn_gate_inp.bias",
+}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, _LLAMA_TENSORS),
     "mistral": Family("llama", True, _LLAMA_TENSORS),
@@ -103,13 +115,14 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("llama", True, {**_LLAMA_TENSORS, **_ROUTER},
                       experts={"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}),
     "llama4_text": Family("llama4", False, _LLAMA4_TENSORS, experts=_STACKED),
+    "gpt_oss": Family("gpt-oss", False, _GPT_OSS_TENSORS, experts=_STACKED),
 }
 
-_EXPERT = re.compile(r".*\.layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT = re.compile(r".*\.layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def expert_slot(hf_name: str) -> int | None:
-    """The expert index of a per-expert weight (``...mlp.experts.7.down_proj.weight`` -> 7), else None."""
+    """The expert index of a per-expert weight or bias (``...mlp.experts.7.down_proj.weight`` -> 7), else None."""
     m = _EXPERT.fullmatch(hf_name)
     return int(m.group(2)) if m else None
 
@@ -142,7 +155,7 @@ def gguf_name(fam: Family, hf_name: str) -> str | None:
     e = _EXPERT.fullmatch(hf_name)
     if e is not None:
         stacked = fam.experts.get(e.group(3))
-        return None if stacked is None else f"blk.{e.group(1)}.{stacked}.weight"
+        return None if stacked is None else f"blk.{e.group(1)}.{stacked}.{e.group(4)}"
     m = re.match(r"(.*\.layers\.)(\d+)(\..*)", hf_name)
     key, idx = (m.group(1) + "{i}" + m.group(3), m.group(2)) if m else (hf_name, None)
     target = fam.tensors.get(key)
@@ -221,12 +234,25 @@ def _llama4(config: Any) -> list[tuple[str, Any]]:
     return [("add_interleave_moe_layer_step", step), ("add_expert_feed_forward_length", int(config.intermediate_size))]
 
 
+def _gpt_oss(config: Any) -> list[tuple[str, Any]]:
+    # llama.cpp's gpt-oss graph fixes the clamped SwiGLU's limit (7) and alpha (1.702)
+    if float(getattr(config, "swiglu_limit", 7.0)) != 7.0:
+        raise ExportError(f"this gpt-oss config clamps its SwiGLU at {config.swiglu_limit}; llama.cpp's graph fixes "
+                          "7.0; use --format auto_round")
+    kv: list[tuple[str, Any]] = [("add_expert_feed_forward_length", int(config.intermediate_size))]
+    # llama.cpp requires the window; the pattern says which layers use it
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return kv + [("add_sliding_window", int(getattr(config, "sliding_window", None) or 0)),
+                 ("add_sliding_window_pattern", [t == "sliding_attention" for t in types])]
+
+
 def _moe(fam: Family, config: Any) -> list[tuple[str, Any]]:
     # llama.cpp renormalizes the top-k routing weights of qwen3moe and llama (Mixtral), not qwen2moe's;
-    # Llama 4 weighs each expert by its own sigmoid (no renormalization either)
-    if fam.arch == "llama4":
+    # Llama 4 weighs each expert by its own sigmoid (no renormalization either); gpt-oss takes a softmax
+    # over the chosen experts' logits
+    if fam.arch in ("llama4", "gpt-oss"):
         return [("add_expert_count", n_experts(config)), ("add_expert_used_count", int(config.num_experts_per_tok)),
-                *_llama4(config)]
+                *(_llama4(config) if fam.arch == "llama4" else _gpt_oss(config))]
     renorm = fam.arch != "qwen2moe"
     if bool(getattr(config, "norm_topk_prob", renorm)) != renorm:
         raise ExportError(f"this MoE config {'does not renormalize' if renorm else 'renormalizes'} its top-k routing "
@@ -263,7 +289,7 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
     ]
-    if fam.arch in ("qwen3", "qwen3moe", "gemma3", "llama4") or head_dim * config.num_attention_heads != config.hidden_size:
+    if fam.arch in ("qwen3", "qwen3moe", "gemma3", "llama4", "gpt-oss") or head_dim * config.num_attention_heads != config.hidden_size:
         kv += [("add_key_length", head_dim), ("add_value_length", head_dim)]
     if fam.arch == "phi3" and getattr(config, "sliding_window", None):
         kv.append(("add_sliding_window", config.sliding_window))
@@ -276,6 +302,28 @@ def hyperparameters(fam: Family, config: Any) -> list[tuple[str, Any]]:
         from gguf import RopeScalingType  # the gguf extra, present whenever a GGUF is written
 
         kv += [("add_rope_scaling_type", RopeScalingType.LINEAR), ("add_rope_scaling_factor", float(rope["factor"]))]
+    elif scaling == "yarn":
+        kv += _yarn(rope, config)
     elif scaling not in ("default", None):
         raise ExportError(f"rope scaling {scaling!r} is not mapped to GGUF yet; use --format auto_round")
     return kv
+
+
+# YaRN as llama.cpp computes it: the correction range from beta_fast / beta_slow, which it does not
+# read from the file, and the attention factor 0.1 ln(factor) + 1
+_YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def _yarn(rope: dict, config: Any) -> list[tuple[str, Any]]:
+    from gguf import RopeScalingType
+
+    for key, value in _YARN_FIXED.items():
+        if float(rope.get(key, value)) != value:
+            raise ExportError(f"this config's YaRN rope has {key}={rope[key]}; llama.cpp uses {value}; use --format auto_round")
+    factor = float(rope["factor"])
+    if rope.get("attention_factor") not in (None, 0.1 * math.log(factor) + 1.0):
+        raise ExportError(f"this config's YaRN rope scales attention by {rope['attention_factor']}, which llama.cpp "
+                          "does not read; use --format auto_round")
+    orig = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return [("add_rope_scaling_type", RopeScalingType.YARN), ("add_rope_scaling_factor", factor),
+            ("add_rope_scaling_orig_ctx_len", orig)]
