@@ -282,19 +282,26 @@ def test_moe_experts_are_stacked_as_llama_cpp_reads_them(family, projs, tmp_path
         assert report["status"] == "skipped" and "llama.cpp" in report["reason"]
 
 
+def _wide_gguf(family: str, tmp_path_factory, stories_dir, tmp_path):
+    """A wide random model of ``family`` as GGUF Q4_K_M (plain RTN, loaded whole): (the quantized
+    model, the output directory, a reader of its .gguf)."""
+    from gguf import GGUFReader
+
+    src = wide_model(tmp_path_factory.mktemp(family), stories_dir, False, family)
+    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
+    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
+    (f,) = out.glob("*.gguf")
+    return model, out, GGUFReader(str(f))
+
+
 def test_llama4_gguf_interleaves_dense_and_moe_layers(tmp_path_factory, stories_dir, tmp_path):
     """Llama 4 text (experts fused on disk, MoE in every second layer, a shared expert): dense layers keep
     ffn_gate/up/down, MoE layers get the stacked experts in expert order, the shared expert as *_shexp
     and the router in float32; the metadata llama.cpp's llama4 graph reads. (llama.cpp computes our
     model's perplexity from it: benchmarks/check_gguf_families_llamacpp.py --families llama4.)"""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    src = wide_model(tmp_path_factory.mktemp("llama4"), stories_dir, False, "llama4")
-    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
-    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
-    (f,) = out.glob("*.gguf")
-    reader = GGUFReader(str(f))
+    model, out, reader = _wide_gguf("llama4", tmp_path_factory, stories_dir, tmp_path)
     tensors = {t.name: t for t in reader.tensors}
     meta = {k: int(v.parts[-1][0]) for k, v in reader.fields.items() if k.startswith("llama4.") and len(v.parts[-1]) == 1}
     assert meta["llama4.interleave_moe_layer_step"] == 2 and meta["llama4.expert_count"] == 8
@@ -324,14 +331,9 @@ def test_gpt_oss_gguf_stacks_experts_with_their_biases_and_keeps_sinks(tmp_path_
     biases ([experts, out]), attention sinks and the router's bias in float32, the window pattern and
     YaRN rope llama.cpp reads. (llama.cpp computes our model's perplexity from it:
     benchmarks/check_gguf_families_llamacpp.py --families gpt_oss.)"""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    src = wide_model(tmp_path_factory.mktemp("gpt_oss"), stories_dir, False, "gpt_oss")
-    ar = AutoRound(str(src), scheme="GGUF:Q4_K_M", iters=0, disable_opt_rtn=True, low_cpu_mem_usage=False)
-    model, out = ar.quantize_and_save(tmp_path / "o", format="gguf:q4_k_m")
-    (f,) = out.glob("*.gguf")
-    reader = GGUFReader(str(f))
+    model, out, reader = _wide_gguf("gpt_oss", tmp_path_factory, stories_dir, tmp_path)
     tensors = {t.name: t for t in reader.tensors}
     field = lambda k: reader.fields[k].parts[-1].tolist()  # noqa: E731
     assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "gpt-oss"

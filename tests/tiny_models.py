@@ -210,10 +210,24 @@ def vlm_processor(arch: str, model_dir: Path):
     return _vlm_processor(arch, AutoTokenizer.from_pretrained(str(model_dir)))
 
 
+def _save_random_vlm(config, tokenizer, out_dir: Path, seed: int) -> None:
+    """A VLM of ``config`` with random weights (matrices at std 0.1, vision tower too), saved with ``tokenizer``."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+
+
 def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A tiny random VLM of ``arch`` saved with its tokenizer (and processor, where transformers
     builds one offline), vision tower weights random too."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # image tokens stay whole (stories260K's tokenizer splits special tokens); Gemma 3's processor finds
     # its tokens by name
@@ -222,14 +236,7 @@ def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), split_special_tokens=False, extra_special_tokens=named)
     tok.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS[arch]})
     ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS[arch]}
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(_vlm_config(arch, ids))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(str(out_dir))
+    _save_random_vlm(_vlm_config(arch, ids), tok, out_dir, seed)
     if arch == "qwen2_vl":  # the image processor alone: AutoProcessor wants a video processor too
         image_processor(arch).save_pretrained(str(out_dir))
     else:
@@ -291,12 +298,5 @@ def build_tiny_llama4_vlm(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> 
                            image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                            projector_output_dim=64, pixel_shuffle_ratio=0.5),
         image_token_index=image_id)
-    torch.manual_seed(seed)
-    model = t.AutoModelForImageTextToText.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(str(out_dir))
+    _save_random_vlm(cfg, tok, out_dir, seed)
     return out_dir, image_id
