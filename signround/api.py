@@ -234,6 +234,9 @@ class AutoRound:
         """Calibration ids, and for image-text data each sample's other model inputs (made by the
         model's processor; a vision-language model only)."""
         if not uses_images(dataset):
+            if self.extra_data_dir:
+                logger.warning("--extra_data_dir is ignored: the dataset names no image-text data (a JSON/JSONL "
+                               "file whose records have an 'image')")
             return build_calibration(dataset, self.tokenizer, seqlen, nsamples, self.seed), None
         if auto_class(self._config, self._mllm).__name__ != "AutoModelForImageTextToText":
             raise ConfigError("the dataset names image-text data, but this model has no vision tower; pass a "

@@ -66,13 +66,13 @@ def is_image_text(spec: DatasetSpec) -> bool:
     path = Path(spec.name).expanduser()
     if path.suffix not in (".json", ".jsonl") or not path.is_file():
         return False
-    with path.open(encoding="utf-8") as f:
-        head = f.read(1 << 16)
     if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.strip()), "")
         try:
-            first = json.loads(head.splitlines()[0]) if head.strip() else None
-        except (json.JSONDecodeError, IndexError):
-            return False
+            first = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            return False  # the text loader names the bad line
         return isinstance(first, dict) and "image" in first
     records = _read_records(path)
     return bool(records) and isinstance(records[0], dict) and "image" in records[0]

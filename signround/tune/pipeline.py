@@ -254,7 +254,8 @@ def quantize_model(
         x_fp = x_q = cap.hidden.to(cache)
         block_kwargs, out_len = cap.kwargs, cap.output_len
         # inputs and targets of both chains, and a block's outputs, held at once
-        result.cache_bytes = 3 * x_fp.numel() * x_fp.element_size() * (calib_ids.shape[0] if point else 1)
+        chain = point.x_fp if point is not None else x_fp
+        result.cache_bytes = 3 * chain.numel() * chain.element_size()
         logger.info("activation cache: %.1f MB in %s on %s (--cache_dtype)", result.cache_bytes / 1e6,
                     str(cache).replace("torch.", ""), store.type)
         if not source.streamed:
