@@ -197,10 +197,13 @@ def test_image_text_calibration_feeds_each_block_what_the_models_forward_gives_i
     model = AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32).eval()
     blocks = ["model.language_model.layers.0", "model.language_model.layers.1"]
     cap = capture_block_inputs(model, blocks, ids, 2, extras=extras)
-    per_sample = [k for k, v in cap.kwargs[blocks[0]].items()
-                  if isinstance(v, PerSample) or (isinstance(v, tuple) and any(isinstance(x, PerSample) for x in v))]
+    per_sample = [x for v in cap.kwargs[blocks[0]].values() for x in (v if isinstance(v, tuple) else (v,))
+                  if isinstance(x, PerSample)]
     if arch != "llava":  # LLaVA's blocks get plain causal masks and positions
         assert per_sample, "the samples' block arguments should differ"
+    # stored once per distinct value: Gemma 3's 4-token images all open the prompt (one mask for them,
+    # one for text); Qwen2-VL's positions follow the image's size (three sizes, and text)
+    assert all(p.distinct() <= {"gemma3_vlm": 2, "qwen2_vl": 4}[arch] for p in per_sample)
     block0 = model.get_submodule(blocks[0])
     with torch.no_grad():
         out = torch.cat([block_forward(block0, cap.hidden[i:i + 2], cap.kwargs[blocks[0]], slice(i, i + 2))

@@ -87,7 +87,16 @@ class PerSample:
         return torch.cat([self.values[i] for i in rows])
 
     def map(self, fn) -> "PerSample":
-        return PerSample([fn(v) for v in self.values])
+        done: dict[int, torch.Tensor] = {}  # a value shared by several samples is mapped once
+        out = []
+        for v in self.values:
+            if id(v) not in done:
+                done[id(v)] = fn(v)
+            out.append(done[id(v)])
+        return PerSample(out)
+
+    def distinct(self) -> int:
+        return len({id(v) for v in self.values})
 
 
 def _per_sample_in(obj: Any) -> bool:
@@ -139,7 +148,16 @@ def merge_samples(records: list[Any], where: str = "") -> Any:
     if not all(isinstance(r, torch.Tensor) and r.shape == first.shape and r.shape[:1] == (1,) for r in records):
         raise ValueError(f"block argument {where!r} differs between calibration samples in a way that cannot be "
                          "batched; calibrate on text (leave the image-text dataset out)")
-    return PerSample(list(records))
+    # samples that agree share one tensor: an image mask or rotary table is stored once per distinct
+    # value (images of one size at one place), not once per sample
+    distinct: list[torch.Tensor] = []
+    values = []
+    for r in records:
+        same = next((d for d in distinct if _same(d, r)), None)
+        if same is None:
+            distinct.append(r)
+        values.append(r if same is None else same)
+    return PerSample(values)
 
 
 class Captured(NamedTuple):
