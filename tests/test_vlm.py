@@ -290,6 +290,21 @@ def test_image_text_data_bad_inputs_are_named(vlm_dir, tiny_model_dir, tmp_path)
         AutoRound(str(vlm_dir("qwen2_vl")), dataset=str(data), extra_data_dir=str(images), **FAST)
 
 
+def test_image_text_data_skips_records_whose_image_is_missing(vlm_dir, tmp_path, caplog):
+    """A partial image folder (a subset of COCO) is enough: records without their image are skipped and
+    counted."""
+    import logging
+
+    data, images = image_text_data(tmp_path)
+    for i in (0, 3):
+        (images / f"{i:03d}.png").unlink()
+    with caplog.at_level(logging.INFO, logger="signround.calib.images"):
+        ar = AutoRound(str(vlm_dir("llava")), dataset=str(data), extra_data_dir=str(images),
+                       **dict(FAST, nsamples=6, seqlen=40))
+    assert ar.calibration_ids().shape == (4, 40)
+    assert "skipped 2 whose image is not on disk" in caplog.text
+
+
 def test_autoscheme_scores_on_image_text_samples(vlm_dir, tmp_path):
     """AutoScheme's DeltaLoss runs the blocks on the image-text samples (per-sample M-RoPE arguments)."""
     from signround import AutoScheme

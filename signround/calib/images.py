@@ -44,7 +44,8 @@ _FILL = {"attention_mask": 1}
 @dataclass(frozen=True)
 class ImageTextSample:
     messages: list[dict[str, Any]]  # chat turns, content as typed items ({"type": "image"} / "text")
-    images: list[Path]
+    images: list[str]  # as the record names them; found when the sample is used
+    where: str  # "file record N", for messages
 
 
 def _read_records(path: Path) -> list[Any]:
@@ -105,38 +106,42 @@ def _turns(rec: dict[str, Any], where: str) -> list[tuple[str, str]]:
                            f"got keys {sorted(rec)}")
 
 
-def _find_image(ref: str, base: Path, folder: Path | None, where: str) -> Path:
-    if ref.startswith(("http://", "https://")) and folder is None:
-        raise CalibrationError(f"{where}: image {ref!r} is a URL; images are not downloaded: fetch them and pass "
-                               "their folder with --extra_data_dir")
+def _image_paths(ref: str, base: Path, folder: Path | None) -> list[Path]:
+    """Where an image the record names may be: the folder of --extra_data_dir (by file name, as upstream
+    looks up COCO images, or by the record's relative path), else beside the data file."""
     name = Path(ref.split("?")[0])
     tried = [name] if name.is_absolute() else []
     if folder is not None:
-        tried += [folder / name.name, folder / ref] if not name.is_absolute() else [folder / name.name]
-    tried += [] if name.is_absolute() else [base / ref]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise CalibrationError(f"{where}: image {ref!r} not found (looked at {', '.join(map(str, tried))}); pass the "
-                           "folder that holds the images with --extra_data_dir")
+        tried += [folder / name.name] + ([] if name.is_absolute() else [folder / ref])
+    return tried + ([] if name.is_absolute() or ref.startswith(("http://", "https://")) else [base / ref])
+
+
+def _find_images(sample: ImageTextSample, base: Path, folder: Path | None) -> tuple[list[Path] | None, list[Path]]:
+    """The sample's image files, or None and the places looked at for the first one missing."""
+    found = []
+    for ref in sample.images:
+        tried = _image_paths(ref, base, folder)
+        path = next((p for p in tried if p.is_file()), None)
+        if path is None:
+            return None, tried
+        found.append(path)
+    return found, []
 
 
 def load_image_text(spec: DatasetSpec, extra_data_dir: str | None) -> list[ImageTextSample]:
-    """The records of an image-text dataset as chats with their images (checked to exist)."""
+    """The records of an image-text dataset as chats naming their images."""
     if spec.name in _HUB_SETS:
         raise CalibrationError(
             f"{spec.name!r}: image-text data is read from local files (nothing is downloaded): fetch "
             f"{_HUB_SETS[spec.name]} of the Hub dataset liuhaotian/LLaVA-Instruct-150K and the COCO train2017 images, "
             f"then pass --dataset ./{_HUB_SETS[spec.name]} --extra_data_dir ./train2017")
     path = Path(spec.name).expanduser()
-    folder = image_dir(extra_data_dir)
     out = []
     for i, rec in enumerate(_read_records(path)):
         where = f"{spec.name} record {i}"
         if not isinstance(rec, dict) or "image" not in rec:
             raise CalibrationError(f"{where}: every record of an image-text dataset needs an 'image'")
-        refs = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
-        images = [_find_image(str(r), path.parent, folder, where) for r in refs]
+        images = [str(r) for r in (rec["image"] if isinstance(rec["image"], list) else [rec["image"]])]
         turns = [(role, text.replace(_PLACEHOLDER, "").strip()) for role, text in _turns(rec, where)]
         messages = []
         for role, text in turns:
@@ -147,7 +152,7 @@ def load_image_text(spec: DatasetSpec, extra_data_dir: str | None) -> list[Image
             messages.append({"role": role, "content": content})
         if not any(m["role"] == "user" for m in messages):
             messages.insert(0, {"role": "user", "content": [{"type": "image"} for _ in images]})
-        out.append(ImageTextSample(messages, images))
+        out.append(ImageTextSample(messages, images, where))
     if not out:
         raise CalibrationError(f"calibration dataset {spec.name!r} is empty")
     return out
@@ -208,21 +213,30 @@ def _filler(samples: list[ImageTextSample], tokenizer: Any, skip: int, length: i
 
 def image_text_rows(spec: DatasetSpec, processor: Any, image_token_id: int | None, seqlen: int, want: int,
                     seed: int, extra_data_dir: str | None) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Up to ``want`` samples of ``spec`` as (ids, the processor's other outputs), each ``seqlen`` tokens."""
+    """Up to ``want`` samples of ``spec`` as (ids, the processor's other outputs), each ``seqlen`` tokens.
+    Records are taken in a seeded order; one whose image is not on disk is skipped and counted (a
+    partial image folder works), and none found at all is an error naming --extra_data_dir."""
     samples = load_image_text(spec, extra_data_dir)
+    folder, base = image_dir(extra_data_dir), Path(spec.name).expanduser().parent
     tokenizer = getattr(processor, "tokenizer", processor)
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     rows: list[tuple[list[int], dict[str, torch.Tensor]]] = []
-    too_long = 0
+    too_long = missing = 0
+    first_missing: tuple[str, list[Path]] | None = None
     for i in order:
         s = samples[i]
+        paths, tried = _find_images(s, base, folder)
+        if paths is None:
+            missing += 1
+            first_missing = first_missing or (s.where, tried)
+            continue
         try:
-            inputs = processor(text=[_prompt(processor, s.messages)], images=[_open(p) for p in s.images],
+            inputs = processor(text=[_prompt(processor, s.messages)], images=[_open(p) for p in paths],
                                return_tensors="pt")
         except Exception as e:
-            raise CalibrationError(f"{spec.name}: the model's processor failed on a record with image "
-                                   f"{s.images[0].name} ({type(e).__name__}: {str(e)[:200]})") from e
+            raise CalibrationError(f"{s.where}: the model's processor failed on it (image {paths[0].name}: "
+                                   f"{type(e).__name__}: {str(e)[:200]})") from e
         inputs = {k: v for k, v in dict(inputs).items() if isinstance(v, torch.Tensor)}
         length = inputs["input_ids"].shape[1]
         fitted = _fit(inputs, seqlen, image_token_id, _filler(samples, tokenizer, i, seqlen - length)
@@ -235,8 +249,15 @@ def image_text_rows(spec: DatasetSpec, processor: Any, image_token_id: int | Non
         rows.append((ids, fitted))
         if len(rows) >= want:
             break
+    skipped = [f"{too_long} whose image tokens reach past seqlen"] * bool(too_long) + [
+        f"{missing} whose image is not on disk"] * bool(missing)
     logger.info("calibration %s: %d image-text samples of %d tokens%s", spec.name, len(rows), seqlen,
-                f" ({too_long} skipped: their image tokens reach past seqlen)" if too_long else "")
+                f" (skipped {' and '.join(skipped)})" if skipped else "")
+    if not rows and first_missing is not None and not too_long:
+        where, tried = first_missing
+        raise CalibrationError(f"{spec.name}: no record's image was found (e.g. {where}: looked at "
+                               f"{', '.join(map(str, tried)) or 'nowhere: a URL'}); images are not downloaded: pass "
+                               "the folder that holds them with --extra_data_dir")
     if not rows and too_long:
         raise CalibrationError(f"{spec.name}: no sample's image tokens fit in seqlen={seqlen}; raise --seqlen")
     return rows
