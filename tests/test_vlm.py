@@ -344,3 +344,18 @@ def test_llama4_vlm_quantizes_every_expert_of_its_language_model_and_keeps_the_v
         with_image = model(input_ids=ids, pixel_values=pixels).logits
         other_image = model(input_ids=ids, pixel_values=pixels.flip(-1)).logits
     assert torch.isfinite(with_image).all() and (with_image - other_image).abs().max() > 1e-3
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one(vlm_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from signround.calib.build import build_image_text_calibration
+
+    data, images = image_text_data(tmp_path)
+    src = vlm_dir("gemma3_vlm")
+    processor = AutoProcessor.from_pretrained(str(src))
+    plain = build_image_text_calibration(str(data), processor, None, 40, 2, extra_data_dir=str(images))[0]
+    processor.chat_template = "<s>" + processor.chat_template  # as Gemma's own template starts with <bos>
+    with_bos = build_image_text_calibration(str(data), processor, None, 40, 2, extra_data_dir=str(images))[0]
+    assert plain[:, 0].tolist() == with_bos[:, 0].tolist() == [1, 1] and (with_bos[:, 1] != 1).all()
+    assert torch.equal(plain, with_bos)

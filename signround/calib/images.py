@@ -231,9 +231,12 @@ def image_text_rows(spec: DatasetSpec, processor: Any, image_token_id: int | Non
             missing += 1
             first_missing = first_missing or (s.where, tried)
             continue
+        prompt = _prompt(processor, s.messages)
+        bos = getattr(tokenizer, "bos_token", None)
+        # a chat template that writes BOS itself (Gemma's) must not get a second one from the tokenizer
+        once = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
         try:
-            inputs = processor(text=[_prompt(processor, s.messages)], images=[_open(p) for p in paths],
-                               return_tensors="pt")
+            inputs = processor(text=[prompt], images=[_open(p) for p in paths], return_tensors="pt", **once)
         except Exception as e:
             raise CalibrationError(f"{s.where}: the model's processor failed on it (image {paths[0].name}: "
                                    f"{type(e).__name__}: {str(e)[:200]})") from e
