@@ -72,7 +72,8 @@ def test_language_model_quantized_vision_tower_kept_and_loads_on_an_image(arch, 
         report = json.loads((out / fmt / "report.json").read_text())
         assert report["self_check"][0]["status"] == "passed"
         # the processor's files come along (Qwen2-VL's image processor alone: see tiny_models)
-        wanted = ["preprocessor_config.json"] if arch == "qwen2_vl" else ["processor_config.json", "chat_template.jinja"]
+        wanted = (["preprocessor_config.json"] if arch in ("qwen2_vl", "qwen3_vl")
+                  else ["processor_config.json", "chat_template.jinja"])
         assert all((out / fmt / f).is_file() for f in wanted), fmt
     qc = json.loads((out / "auto_round" / "config.json").read_text())["quantization_config"]
     assert qc["block_name_to_quantize"] == "model.language_model.layers"
@@ -176,16 +177,17 @@ def image_text_data(root: Path, n: int = 6) -> tuple[Path, Path]:
 def _processor(arch: str, src: Path):
     from tiny_models import vlm_processor
 
-    return vlm_processor(arch, src) if arch == "qwen2_vl" else None  # the others' AutoProcessor loads
+    return vlm_processor(arch, src) if arch in ("qwen2_vl", "qwen3_vl") else None  # the others' AutoProcessor loads
 
 
 @pytest.mark.parametrize("arch", VLM_ARCHS)
 def test_image_text_calibration_feeds_each_block_what_the_models_forward_gives_it(arch, vlm_dir, tmp_path):
     """Image-text samples (images of three sizes, a text dataset beside) reach the blocks as the model's
-    own forward gives them: block 0's inputs and outputs, run in batches of two samples whose block
-    arguments differ (Qwen2-VL's M-RoPE positions, Gemma 3's image masks), equal the forward's hidden
-    states sample by sample."""
-    from signround.model.capture import PerSample, block_forward, capture_block_inputs
+    own forward gives them: the inputs of block 0 and block 1 (block 0 run on the captured arguments,
+    in batches of two samples whose arguments differ: Qwen2-VL's M-RoPE positions, Gemma 3's image
+    masks, Qwen3-VL's deepstack features added after the block) equal what the model's forward passes
+    each block, sample by sample."""
+    from signround.model.capture import AFTER, PerSample, block_forward, capture_block_inputs
 
     src = vlm_dir(arch)
     data, images = image_text_data(tmp_path)
@@ -197,38 +199,48 @@ def test_image_text_calibration_feeds_each_block_what_the_models_forward_gives_i
     model = AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32).eval()
     blocks = ["model.language_model.layers.0", "model.language_model.layers.1"]
     cap = capture_block_inputs(model, blocks, ids, 2, extras=extras)
-    per_sample = [x for v in cap.kwargs[blocks[0]].values() for x in (v if isinstance(v, tuple) else (v,))
+    args = cap.kwargs[blocks[0]]
+    per_sample = [x for k, v in args.items() if k != AFTER for x in (v if isinstance(v, tuple) else (v,))
                   if isinstance(x, PerSample)]
     if arch != "llava":  # LLaVA's blocks get plain causal masks and positions
         assert per_sample, "the samples' block arguments should differ"
+    assert (AFTER in args) == (arch == "qwen3_vl")
     # stored once per distinct value: Gemma 3's 4-token images all open the prompt (one mask for them,
-    # one for text); Qwen2-VL's positions follow the image's size (three sizes, and text)
-    assert all(p.distinct() <= {"gemma3_vlm": 2, "qwen2_vl": 4}[arch] for p in per_sample)
-    block0 = model.get_submodule(blocks[0])
+    # one for text); Qwen2-VL's and Qwen3-VL's positions follow the image's size (three sizes, and text)
+    assert all(p.distinct() <= {"gemma3_vlm": 2, "qwen2_vl": 4, "qwen3_vl": 4}[arch] for p in per_sample)
+    block0, block1 = (model.get_submodule(b) for b in blocks)
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
+                                         with_kwargs=True) for b in (block0, block1)]
     with torch.no_grad():
-        out = torch.cat([block_forward(block0, cap.hidden[i:i + 2], cap.kwargs[blocks[0]], slice(i, i + 2))
-                         for i in range(0, 6, 2)])
+        out = torch.cat([block_forward(block0, cap.hidden[i:i + 2], args, slice(i, i + 2)) for i in range(0, 6, 2)])
         for i in range(6):
-            ref = model(input_ids=ids[i:i + 1], **extras[i], output_hidden_states=True).hidden_states
-            torch.testing.assert_close(cap.hidden[i:i + 1], ref[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out[i:i + 1], ref[1], rtol=1e-4, atol=1e-4)
+            seen.clear()
+            model(input_ids=ids[i:i + 1], **extras[i])
+            torch.testing.assert_close(cap.hidden[i:i + 1], seen[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[i:i + 1], seen[1], rtol=1e-4, atol=1e-4)
             if extras[i]:  # the image reached the language model
-                text_only = model(input_ids=ids[i:i + 1], output_hidden_states=True).hidden_states[0]
-                assert (text_only - ref[0]).abs().max() > 1e-3
+                seen.clear()
+                model(input_ids=ids[i:i + 1])
+                assert (seen[0] - cap.hidden[i:i + 1]).abs().max() > 1e-3
+    for h in hooks:
+        h.remove()
 
 
-def test_image_text_calibration_quantizes_and_resumes_to_the_same_files(vlm_dir, tmp_path, monkeypatch):
-    """SignRound on image-text samples: tuned on them (other files than text calibration gives), the
-    self-check passes, the output runs on an image; a run stopped after block 1 resumes to the same files."""
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_image_text_calibration_quantizes_and_resumes_to_the_same_files(arch, vlm_dir, tmp_path, monkeypatch):
+    """SignRound on image-text samples (Qwen3-VL: with its deepstack features between blocks): tuned on
+    them (other files than text calibration gives), the self-check passes, the output runs on an image;
+    a run stopped after block 1 resumes to the same files."""
     from signround.resume import RunCheckpoint
     from test_streaming import same_files
     from tiny_models import vlm_processor
 
-    src = vlm_dir("qwen2_vl")
+    src = vlm_dir(arch)
     data, images = image_text_data(tmp_path)
     kw = dict(iters=3, scheme="W4A16", group_size=16, nsamples=4, seqlen=40, batch_size=2, dataset=str(data),
               extra_data_dir=str(images))
-    AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw).quantize_and_save(tmp_path / "ref", format="auto_round")
+    AutoRound(str(src), processor=vlm_processor(arch, src), **kw).quantize_and_save(tmp_path / "ref", format="auto_round")
     report = json.loads((tmp_path / "ref" / "report.json").read_text())
     assert report["self_check"][0]["status"] == "passed"
     text = dict(kw, dataset=TEXT_IDS * 2, seqlen=16)
@@ -237,7 +249,7 @@ def test_image_text_calibration_quantizes_and_resumes_to_the_same_files(vlm_dir,
     assert tensors(tmp_path / "ref") .keys() == tensors(tmp_path / "text").keys()
     assert any(not torch.equal(v, tensors(tmp_path / "text")[k]) for k, v in tensors(tmp_path / "ref").items())
     ours = load_quantized(str(tmp_path / "ref"), dtype=torch.float32)
-    assert torch.isfinite(image_logits(ours, image_inputs("qwen2_vl", src))).all()
+    assert torch.isfinite(image_logits(ours, image_inputs(arch, src))).all()
 
     save = RunCheckpoint.save
 
@@ -249,9 +261,9 @@ def test_image_text_calibration_quantizes_and_resumes_to_the_same_files(vlm_dir,
     out = tmp_path / "out"
     monkeypatch.setattr(RunCheckpoint, "save", crash_after_one)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw).quantize_and_save(out, format="auto_round")
+        AutoRound(str(src), processor=vlm_processor(arch, src), **kw).quantize_and_save(out, format="auto_round")
     monkeypatch.setattr(RunCheckpoint, "save", save)
-    ar = AutoRound(str(src), processor=vlm_processor("qwen2_vl", src), **kw)
+    ar = AutoRound(str(src), processor=vlm_processor(arch, src), **kw)
     ar.quantize_and_save(out, format="auto_round", resume=True)
     assert ar.result.resumed_from == 1
     same_files(out, tmp_path / "ref")
@@ -305,15 +317,17 @@ def test_image_text_data_skips_records_whose_image_is_missing(vlm_dir, tmp_path,
     assert "skipped 2 whose image is not on disk" in caplog.text
 
 
-def test_autoscheme_scores_on_image_text_samples(vlm_dir, tmp_path):
-    """AutoScheme's DeltaLoss runs the blocks on the image-text samples (per-sample M-RoPE arguments)."""
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_autoscheme_scores_on_image_text_samples(arch, vlm_dir, tmp_path):
+    """AutoScheme's DeltaLoss runs the blocks on the image-text samples (per-sample M-RoPE arguments,
+    Qwen3-VL's deepstack features in its forward and backward)."""
     from signround import AutoScheme
     from tiny_models import vlm_processor
 
-    src = vlm_dir("qwen2_vl")
+    src = vlm_dir(arch)
     data, images = image_text_data(tmp_path)
     ar = AutoRound(str(src), scheme=AutoScheme(3.5, "W2A16G16,W4A16G16"), iters=0, nsamples=4, seqlen=40,
-                   batch_size=2, dataset=str(data), extra_data_dir=str(images), processor=vlm_processor("qwen2_vl", src))
+                   batch_size=2, dataset=str(data), extra_data_dir=str(images), processor=vlm_processor(arch, src))
     ar.quantize_and_save(tmp_path / "q", format="auto_round")
     assert {r["option"] for r in ar.selection.rows} == {"W2A16G16", "W4A16G16"}
     assert all(r["scores"]["W2A16G16"] > r["scores"]["W4A16G16"] > 0 for r in ar.selection.rows)

@@ -138,10 +138,11 @@ def wide_model(root: Path, tokenizer_dir: Path, tied: bool, family: str = "llama
 
 # Vision-language models: a tiny language model (stories260K's tokenizer plus the image tokens) beside a
 # tiny vision tower; 28x28 images in 14-pixel patches.
-VLM_ARCHS = ["llava", "qwen2_vl", "gemma3_vlm"]
+VLM_ARCHS = ["llava", "qwen2_vl", "gemma3_vlm", "qwen3_vl"]
 _TEXT = dict(vocab_size=520, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, **COMMON)
 IMAGE_TOKENS = {"llava": ["<image>"], "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                "qwen3_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
                 "gemma3_vlm": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]}
 
 
@@ -161,6 +162,15 @@ def _vlm_config(arch: str, ids: dict[str, int]):
                                spatial_merge_size=2, temporal_patch_size=2),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **COMMON)
+    if arch == "qwen3_vl":  # deepstack: vision features of two tower layers added after text blocks 0 and 1
+        return t.Qwen3VLConfig(
+            text_config=dict(**_TEXT, head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                  "mrope_interleaved": True}),
+            vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                               deepstack_visual_indexes=[0, 1], num_position_embeddings=16),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **COMMON)
     if arch == "gemma3_vlm":
         return t.Gemma3Config(
             text_config=dict(head_dim=16, sliding_window=16, **_TEXT),
@@ -177,6 +187,7 @@ _TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is stri
              "{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}"
              "{% endfor %}{% endif %}\n{% endfor %}")
 _PLACEHOLDERS = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                 "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                  "gemma3_vlm": "<start_of_image>"}
 
 
@@ -195,10 +206,10 @@ def _vlm_processor(arch: str, tokenizer):
         return t.Gemma3Processor(image_processor=image_processor(arch), tokenizer=tokenizer, image_seq_length=4,
                                  chat_template=template)
     check = ProcessorMixin.check_argument_for_proper_class
+    cls = t.Qwen3VLProcessor if arch == "qwen3_vl" else t.Qwen2VLProcessor
     try:  # transformers checks a None video processor's class too, and fails without torchvision
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
-        return t.Qwen2VLProcessor(image_processor=image_processor(arch), tokenizer=tokenizer, video_processor=None,
-                                  chat_template=template)
+        return cls(image_processor=image_processor(arch), tokenizer=tokenizer, video_processor=None, chat_template=template)
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
 
@@ -237,7 +248,7 @@ def build_tiny_vlm(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0)
     tok.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS[arch]})
     ids = {t: tok.convert_tokens_to_ids(t) for t in IMAGE_TOKENS[arch]}
     _save_random_vlm(_vlm_config(arch, ids), tok, out_dir, seed)
-    if arch == "qwen2_vl":  # the image processor alone: AutoProcessor wants a video processor too
+    if arch in ("qwen2_vl", "qwen3_vl"):  # the image processor alone: AutoProcessor wants a video processor too
         image_processor(arch).save_pretrained(str(out_dir))
     else:
         _vlm_processor(arch, tok).save_pretrained(str(out_dir))
@@ -249,7 +260,7 @@ def image_processor(arch: str):
 
     if arch == "llava":
         return t.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    if arch == "qwen2_vl":  # up to 56 x 56 pixels: 1 to 4 image tokens, by the image's size
+    if arch in ("qwen2_vl", "qwen3_vl"):  # up to 56 x 56 pixels: 1 to 4 image tokens, by the image's size
         return t.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
                                        temporal_patch_size=2)
     return t.Gemma3ImageProcessor(size={"height": 28, "width": 28})
@@ -268,12 +279,12 @@ def image_inputs(arch: str, model_dir: Path, seed: int = 0) -> dict:
     text = [5, 6, 7]
     if arch == "llava":
         ids = [1, *[cfg["image_token_index"]] * 4, *text]
-    elif arch == "qwen2_vl":
+    elif arch in ("qwen2_vl", "qwen3_vl"):
         ids = [1, cfg["vision_start_token_id"], cfg["image_token_id"], cfg["vision_end_token_id"], *text]
     else:
         ids = [1, cfg["boi_token_index"], *[cfg["image_token_index"]] * 4, cfg["eoi_token_index"], *text]
     out = {"input_ids": torch.tensor([ids]), **pix}
-    if arch == "qwen2_vl":  # which positions hold image tokens (M-RoPE), as its processor returns it
+    if arch in ("qwen2_vl", "qwen3_vl"):  # which positions hold image tokens (M-RoPE), as its processor returns it
         out["mm_token_type_ids"] = (out["input_ids"] == cfg["image_token_id"]).long()
     if arch == "gemma3_vlm":
         out["token_type_ids"] = (out["input_ids"] == cfg["image_token_index"]).long()

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .layers import get_module
 
 
@@ -35,6 +36,12 @@ class _StopForward(Exception):
 # key of a block's positional arguments after the hidden states (GPT-2 passes cache, mask and
 # encoder states that way) among its captured keyword arguments
 POSITIONAL = "__positional__"
+# key of what the model's loop adds to a block's output before the next block sees it: Qwen3-VL's
+# "deepstack" image features, added at the image positions after its first blocks. A (positions [B, L],
+# features [n, H]) pair, per sample; :func:`block_forward` adds it to the block's output
+AFTER = "__after__"
+# the keywords a decoder takes those from (Qwen3-VL, Qwen3-VL-MoE, Qwen3-Omni)
+_DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 
 
 def _no_cache(arg: Any) -> Any:
@@ -135,6 +142,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _plain_positions(t: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 1 and not t.is_floating_point()
+            and torch.equal(t[0], torch.arange(t.shape[1], device=t.device)))
+
+
 def merge_samples(records: list[Any], where: str = "") -> Any:
     """One sample's recorded arguments each (same structure): what all samples share stays as it is,
     a tensor that differs becomes :class:`PerSample`."""
@@ -145,6 +157,11 @@ def merge_samples(records: list[Any], where: str = "") -> Any:
         return type(first)(merge_samples([r[i] for r in records], f"{where}[{i}]") for i in range(len(first)))
     if all(_same(first, r) for r in records[1:]):
         return first
+    present = [r for r in records if r is not None]
+    if len(present) < len(records) and all(_plain_positions(r) for r in present):
+        # Qwen3-VL passes its blocks no text positions for image samples and 0..L-1 for text ones: the
+        # same to a block (transformers' layers read them only to tell packed sequences apart)
+        return None
     if not all(isinstance(r, torch.Tensor) and r.shape == first.shape and r.shape[:1] == (1,) for r in records):
         raise ValueError(f"block argument {where!r} differs between calibration samples in a way that cannot be "
                          "batched; calibrate on text (leave the image-text dataset out)")
@@ -242,11 +259,67 @@ def capture_block_inputs(
     else:
         kwargs = _block_kwargs(model, block_names, _sample_inputs(input_ids, extras, 0, 1, device), store_device,
                                output_len=output_len)
-    if extras is not None and n > 1:
-        per = [kwargs] + [_block_kwargs(model, block_names, _sample_inputs(input_ids, extras, i, i + 1, device),
-                                        store_device, output_len=output_len) for i in range(1, n)]
+    if extras is not None:
+        per, added = [], []
+        with _deepstack_recorded(model, block_names, store_device) as seen:
+            for i in range(n):
+                seen[:] = [None]
+                per.append(_block_kwargs(model, block_names, _sample_inputs(input_ids, extras, i, i + 1, device),
+                                         store_device, output_len=output_len))
+                added.append(seen[0])
         kwargs = {name: merge_samples([p[name] for p in per], name) for name in block_names}
+        _add_after(kwargs, block_names, added, input_ids.shape[1])
     return Captured(states, kwargs, output_len)
+
+
+@contextlib.contextmanager
+def _deepstack_recorded(model: nn.Module, block_names: list[str], store_device: torch.device | str):
+    """Inside, a forward's deepstack inputs of the blocks' decoder are put in the yielded list's one
+    slot (None: the forward had none); a decoder that takes other deepstack inputs is refused."""
+    import inspect
+
+    decoder = get_module(model, block_names[0].rsplit(".", 2)[0])
+    params = inspect.signature(decoder.forward).parameters
+    unknown = [p for p in params if "deepstack" in p and p not in _DEEPSTACK]
+    if unknown:
+        raise ConfigError(f"{type(decoder).__name__} adds image features between its blocks ({', '.join(unknown)}), "
+                         "which calibration on images does not reproduce for it; calibrate on text (leave the "
+                         "image-text dataset out)")
+    seen: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = [None]
+
+    def record(_m, _args, kwargs):
+        mask, embeds = (kwargs.get(k) for k in _DEEPSTACK)
+        seen[0] = None if mask is None or embeds is None else (
+            mask.detach().to(store_device), [e.detach().to(store_device) for e in embeds])
+
+    handle = decoder.register_forward_pre_hook(record, with_kwargs=True) if _DEEPSTACK[1] in params else None
+    try:
+        yield seen
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _add_after(kwargs: dict[str, dict[str, Any]], block_names: list[str], added: list, length: int) -> None:
+    """Each sample's deepstack features, as an :data:`AFTER` entry of the blocks they follow (by the
+    block's index in the decoder, as the model's loop counts them); a sample without images adds none."""
+    if not any(a is not None for a in added):
+        return
+    hidden = next(a[1][0].shape[-1] for a in added if a is not None)
+    depth = max(len(a[1]) for a in added if a is not None)
+    for name in block_names:
+        index = int(name.rsplit(".", 1)[1])
+        if index >= depth:
+            continue
+        masks, feats = [], []
+        for a in added:
+            if a is None:
+                masks.append(torch.zeros(1, length, dtype=torch.bool))
+                feats.append(torch.zeros(0, hidden))
+            else:
+                masks.append(a[0])
+                feats.append(a[1][index])
+        kwargs[name][AFTER] = (PerSample(masks), PerSample(feats))
 
 
 def _block_kwargs(
@@ -354,8 +427,14 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any],
     """The block's hidden-state output for ``x``, called as the model calls it (captured arguments);
     ``idx``: which calibration samples ``x`` holds, for arguments that differ between samples."""
     kw = dict(select_samples(kwargs, idx))
+    after = kw.pop(AFTER, None)
     out = block(x, *kw.pop(POSITIONAL, ()), **kw)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    h = out[0] if isinstance(out, (tuple, list)) else out
+    if after is not None:  # as the model's loop adds them (out of place: tuning backpropagates through)
+        mask, feats = after
+        h = h.clone()
+        h[mask.to(h.device)] = h[mask.to(h.device)] + feats.to(h.device, h.dtype)
+    return h
 
 
 
