@@ -187,7 +187,8 @@ def test_image_text_calibration_feeds_each_block_what_the_models_forward_gives_i
     in batches of two samples whose arguments differ: Qwen2-VL's M-RoPE positions, Gemma 3's image
     masks, Qwen3-VL's deepstack features added after the block) equal what the model's forward passes
     each block, sample by sample."""
-    from signround.model.capture import AFTER, PerSample, block_forward, capture_block_inputs
+    from signround.model.capture import block_forward, capture_block_inputs
+    from signround.model.samples import AFTER, PerSample
 
     src = vlm_dir(arch)
     data, images = image_text_data(tmp_path)

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .layers import get_module
+from .samples import AFTER, PerSample, add_after, deepstack_recorded, merge_samples, select_samples
 
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,6 @@ class _StopForward(Exception):
 # key of a block's positional arguments after the hidden states (GPT-2 passes cache, mask and
 # encoder states that way) among its captured keyword arguments
 POSITIONAL = "__positional__"
-# key of what the model's loop adds to a block's output before the next block sees it: Qwen3-VL's
-# "deepstack" image features, added at the image positions after its first blocks. A (positions [B, L],
-# features [n, H]) pair, per sample; :func:`block_forward` adds it to the block's output
-AFTER = "__after__"
-# the keywords a decoder takes those from (Qwen3-VL, Qwen3-VL-MoE, Qwen3-Omni)
-_DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 
 
 def _no_cache(arg: Any) -> Any:
@@ -77,104 +71,6 @@ def _model_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     p = emb.weight if emb is not None else next(model.parameters())
     return p.device
-
-
-class PerSample:
-    """A block argument that differs between calibration samples: one batch-1 tensor per sample;
-    a forward over samples ``idx`` gets their rows concatenated (the batch dimension is the first)."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: list[torch.Tensor]):
-        self.values = values
-
-    def take(self, idx: slice | torch.Tensor | list[int]) -> torch.Tensor:
-        rows = range(len(self.values))[idx] if isinstance(idx, slice) else (
-            idx.tolist() if isinstance(idx, torch.Tensor) else idx)
-        return torch.cat([self.values[i] for i in rows])
-
-    def map(self, fn) -> "PerSample":
-        done: dict[int, torch.Tensor] = {}  # a value shared by several samples is mapped once
-        out = []
-        for v in self.values:
-            if id(v) not in done:
-                done[id(v)] = fn(v)
-            out.append(done[id(v)])
-        return PerSample(out)
-
-    def distinct(self) -> int:
-        return len({id(v) for v in self.values})
-
-
-def _per_sample_in(obj: Any) -> bool:
-    if isinstance(obj, PerSample):
-        return True
-    if isinstance(obj, (tuple, list)):
-        return any(_per_sample_in(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_per_sample_in(o) for o in obj.values())
-    return False
-
-
-def select_samples(kwargs: dict[str, Any], idx: slice | torch.Tensor | None) -> dict[str, Any]:
-    """``kwargs`` for the samples ``idx``: each :class:`PerSample` argument replaced by their rows."""
-    if not _per_sample_in(kwargs):
-        return kwargs
-    if idx is None:
-        raise ValueError("block arguments differ between samples: the forward must say which samples it runs")
-
-    def pick(o: Any) -> Any:
-        if isinstance(o, PerSample):
-            return o.take(idx)
-        if isinstance(o, (tuple, list)):
-            return type(o)(pick(x) for x in o)
-        if isinstance(o, dict):
-            return {k: pick(v) for k, v in o.items()}
-        return o
-
-    return {k: pick(v) for k, v in kwargs.items()}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)))
-    return a == b
-
-
-def _plain_positions(t: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 1 and not t.is_floating_point()
-            and torch.equal(t[0], torch.arange(t.shape[1], device=t.device)))
-
-
-def merge_samples(records: list[Any], where: str = "") -> Any:
-    """One sample's recorded arguments each (same structure): what all samples share stays as it is,
-    a tensor that differs becomes :class:`PerSample`."""
-    first = records[0]
-    if isinstance(first, dict):
-        return {k: merge_samples([r[k] for r in records], f"{where}.{k}" if where else k) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(merge_samples([r[i] for r in records], f"{where}[{i}]") for i in range(len(first)))
-    if all(_same(first, r) for r in records[1:]):
-        return first
-    present = [r for r in records if r is not None]
-    if len(present) < len(records) and all(_plain_positions(r) for r in present):
-        # Qwen3-VL passes its blocks no text positions for image samples and 0..L-1 for text ones: the
-        # same to a block (transformers' layers read them only to tell packed sequences apart)
-        return None
-    if not all(isinstance(r, torch.Tensor) and r.shape == first.shape and r.shape[:1] == (1,) for r in records):
-        raise ValueError(f"block argument {where!r} differs between calibration samples in a way that cannot be "
-                         "batched; calibrate on text (leave the image-text dataset out)")
-    # samples that agree share one tensor: an image mask or rotary table is stored once per distinct
-    # value (images of one size at one place), not once per sample
-    distinct: list[torch.Tensor] = []
-    values = []
-    for r in records:
-        same = next((d for d in distinct if _same(d, r)), None)
-        if same is None:
-            distinct.append(r)
-        values.append(r if same is None else same)
-    return PerSample(values)
 
 
 class Captured(NamedTuple):
@@ -261,65 +157,15 @@ def capture_block_inputs(
                                output_len=output_len)
     if extras is not None:
         per, added = [], []
-        with _deepstack_recorded(model, block_names, store_device) as seen:
+        with deepstack_recorded(model, block_names, store_device) as seen:
             for i in range(n):
                 seen[:] = [None]
                 per.append(_block_kwargs(model, block_names, _sample_inputs(input_ids, extras, i, i + 1, device),
                                          store_device, output_len=output_len))
                 added.append(seen[0])
         kwargs = {name: merge_samples([p[name] for p in per], name) for name in block_names}
-        _add_after(kwargs, block_names, added, input_ids.shape[1])
+        add_after(kwargs, block_names, added, input_ids.shape[1])
     return Captured(states, kwargs, output_len)
-
-
-@contextlib.contextmanager
-def _deepstack_recorded(model: nn.Module, block_names: list[str], store_device: torch.device | str):
-    """Inside, a forward's deepstack inputs of the blocks' decoder are put in the yielded list's one
-    slot (None: the forward had none); a decoder that takes other deepstack inputs is refused."""
-    import inspect
-
-    decoder = get_module(model, block_names[0].rsplit(".", 2)[0])
-    params = inspect.signature(decoder.forward).parameters
-    unknown = [p for p in params if "deepstack" in p and p not in _DEEPSTACK]
-    if unknown:
-        raise ConfigError(f"{type(decoder).__name__} adds image features between its blocks ({', '.join(unknown)}), "
-                         "which calibration on images does not reproduce for it; calibrate on text (leave the "
-                         "image-text dataset out)")
-    seen: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = [None]
-
-    def record(_m, _args, kwargs):
-        mask, embeds = (kwargs.get(k) for k in _DEEPSTACK)
-        seen[0] = None if mask is None or embeds is None else (
-            mask.detach().to(store_device), [e.detach().to(store_device) for e in embeds])
-
-    handle = decoder.register_forward_pre_hook(record, with_kwargs=True) if _DEEPSTACK[1] in params else None
-    try:
-        yield seen
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _add_after(kwargs: dict[str, dict[str, Any]], block_names: list[str], added: list, length: int) -> None:
-    """Each sample's deepstack features, as an :data:`AFTER` entry of the blocks they follow (by the
-    block's index in the decoder, as the model's loop counts them); a sample without images adds none."""
-    if not any(a is not None for a in added):
-        return
-    hidden = next(a[1][0].shape[-1] for a in added if a is not None)
-    depth = max(len(a[1]) for a in added if a is not None)
-    for name in block_names:
-        index = int(name.rsplit(".", 1)[1])
-        if index >= depth:
-            continue
-        masks, feats = [], []
-        for a in added:
-            if a is None:
-                masks.append(torch.zeros(1, length, dtype=torch.bool))
-                feats.append(torch.zeros(0, hidden))
-            else:
-                masks.append(a[0])
-                feats.append(a[1][index])
-        kwargs[name][AFTER] = (PerSample(masks), PerSample(feats))
 
 
 def _block_kwargs(
