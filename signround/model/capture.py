@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .layers import get_module
-from .samples import AFTER, PerSample, add_after, deepstack_recorded, merge_samples, select_samples
+from .samples import AFTER, PerSample, add_after, deepstack_recorded, map_nested, merge_samples, select_samples
 
 
 logger = logging.getLogger(__name__)
@@ -51,20 +51,17 @@ def _detach(obj: Any, device: torch.device | str, memo: dict | None = None) -> A
     """``obj`` detached onto ``device``; ``memo`` (within one forward) makes the blocks' shared
     arguments (one rotary table for all of them) one stored tensor, not one copy per block. It keeps
     each source alive too, so no later tensor can take a recorded one's address."""
-    if isinstance(obj, torch.Tensor):
+    def leaf(o: Any) -> Any:
+        if not isinstance(o, torch.Tensor):
+            return o
         if memo is None:
-            return obj.detach().to(device)
-        key = (obj.data_ptr(), obj.shape, obj.stride(), obj.dtype)
+            return o.detach().to(device)
+        key = (o.data_ptr(), o.shape, o.stride(), o.dtype)
         if key not in memo:
-            memo[key] = (obj, obj.detach().to(device))
+            memo[key] = (o, o.detach().to(device))
         return memo[key][1]
-    if isinstance(obj, tuple):
-        return tuple(_detach(o, device, memo) for o in obj)
-    if isinstance(obj, list):
-        return [_detach(o, device, memo) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _detach(v, device, memo) for k, v in obj.items()}
-    return obj
+
+    return map_nested(obj, leaf)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -257,15 +254,9 @@ def cast_kwargs(kwargs: dict[str, Any], device: torch.device | str, dtype: torch
     def conv(o: Any) -> Any:
         if isinstance(o, torch.Tensor):
             return o.to(device, dtype) if o.is_floating_point() else o.to(device)
-        if isinstance(o, PerSample):
-            return o.map(conv)
-        if isinstance(o, (tuple, list)):
-            return type(o)(conv(x) for x in o)
-        if isinstance(o, dict):
-            return {k: conv(v) for k, v in o.items()}
-        return o
+        return o.map(conv) if isinstance(o, PerSample) else o
 
-    return {k: conv(v) for k, v in kwargs.items()}
+    return map_nested(kwargs, conv)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any],

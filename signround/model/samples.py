@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,15 @@ from ..errors import ConfigError
 AFTER = "__after__"
 # the keywords a decoder takes those from (Qwen3-VL, Qwen3-VL-MoE, Qwen3-Omni)
 _DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def map_nested(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to each leaf of nested tuples, lists and dicts (a :class:`PerSample` is a leaf)."""
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_nested(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_nested(v, fn) for k, v in obj.items()}
+    return fn(obj)
 
 
 class PerSample:
@@ -71,16 +80,7 @@ def select_samples(kwargs: dict[str, Any], idx: slice | torch.Tensor | None) -> 
     if idx is None:
         raise ValueError("block arguments differ between samples: the forward must say which samples it runs")
 
-    def pick(o: Any) -> Any:
-        if isinstance(o, PerSample):
-            return o.take(idx)
-        if isinstance(o, (tuple, list)):
-            return type(o)(pick(x) for x in o)
-        if isinstance(o, dict):
-            return {k: pick(v) for k, v in o.items()}
-        return o
-
-    return {k: pick(v) for k, v in kwargs.items()}
+    return map_nested(kwargs, lambda o: o.take(idx) if isinstance(o, PerSample) else o)
 
 
 def _same(a: Any, b: Any) -> bool:
