@@ -374,3 +374,35 @@ def test_a_chat_template_that_writes_bos_gets_no_second_one(vlm_dir, tmp_path):
     with_bos = build_image_text_calibration(str(data), processor, None, 40, 2, extra_data_dir=str(images))[0]
     assert plain[:, 0].tolist() == with_bos[:, 0].tolist() == [1, 1] and (with_bos[:, 1] != 1).all()
     assert torch.equal(plain, with_bos)
+
+
+def test_vision_tower_rounding_searches_its_clipping_on_the_calibration_images(vlm_dir, tmp_path, caplog):
+    """--quant_nontext_module with image-text data: each vision layer's clipping is searched weighting
+    its input channels by their energy on the images, so the tower's image features stay closer to the
+    full-precision ones than plain rounding (text calibration) leaves them; streamed and whole runs
+    write the same files."""
+    import logging
+
+    src = vlm_dir("llava")
+    data, images = image_text_data(tmp_path, n=8)
+    fp = AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32).eval()
+    image_kw = dict(dataset=str(data), extra_data_dir=str(images), seqlen=40)
+    common = dict(scheme="W4A16", group_size=16, iters=0, nsamples=8, batch_size=2, quant_nontext_module=True)
+    tuned = {}
+    for kind, kw in (("images", image_kw), ("text", dict(dataset=TEXT_IDS * 2, seqlen=16))):
+        with caplog.at_level(logging.INFO, logger="signround.tune.pipeline"):
+            ar = AutoRound(str(src), low_cpu_mem_usage=False, **common, **kw)
+            tuned[kind] = ar.quantize()[0]
+        assert ("rounded with clipping searched on the calibration images" in caplog.text) == (kind == "images")
+        if kind == "images":
+            pixels = [e["pixel_values"] for e in ar._calib_extras if e]
+        caplog.clear()
+
+    def feature_error(model) -> float:
+        with torch.no_grad():
+            return sum(float((model.model.get_image_features(pixel_values=p).pooler_output[0]
+                              - fp.model.get_image_features(pixel_values=p).pooler_output[0]).pow(2).sum())
+                       for p in pixels)
+
+    assert feature_error(tuned["images"]) < 0.95 * feature_error(tuned["text"])
+    run_both(src, tmp_path, "auto_round", **common, **image_kw)

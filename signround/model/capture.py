@@ -101,6 +101,33 @@ def _sample_inputs(input_ids: torch.Tensor, extras: list[dict[str, Any]] | None,
 
 
 @torch.no_grad()
+def run_to_first_block(model: nn.Module, block_names: list[str], input_ids: torch.Tensor, batch_size: int,
+                       store_device: torch.device | str = "cpu", extras: list[dict[str, Any]] | None = None
+                       ) -> torch.Tensor:
+    """The model's forward on every sample up to its first block (embeddings; a VLM's vision tower on
+    the images of ``extras``): what enters block 0, float32 ``[N, L, H]``. No block runs."""
+    device = _model_device(model)
+    chunks: list[torch.Tensor] = []
+    n = input_ids.shape[0]
+    step = 1 if extras is not None else batch_size
+
+    def stop_hook(_mod, args, kwargs):
+        chunks.append(_hidden_from(args, kwargs).detach().to(store_device, torch.float32))
+        raise _StopForward
+
+    handle = get_module(model, block_names[0]).register_forward_pre_hook(stop_hook, with_kwargs=True)
+    try:
+        for i in range(0, n, step):
+            try:
+                model(**_sample_inputs(input_ids, extras, i, min(i + step, n), device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
     block_names: list[str],
@@ -121,24 +148,9 @@ def capture_block_inputs(
     (:func:`merge_samples`). ``hidden`` False: the arguments alone (a resumed run has its chains)."""
     device = _model_device(model)
     first = get_module(model, block_names[0])
-    chunks: list[torch.Tensor] = []
     n = input_ids.shape[0]
-    step = 1 if extras is not None else batch_size
-
-    def stop_hook(_mod, args, kwargs):
-        chunks.append(_hidden_from(args, kwargs).detach().to(store_device, torch.float32))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(stop_hook, with_kwargs=True)
-    try:
-        for i in range(0, n if hidden else 0, step):
-            try:
-                model(**_sample_inputs(input_ids, extras, i, min(i + step, n), device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    states = torch.cat(chunks) if chunks else torch.empty(0)
+    states = (run_to_first_block(model, block_names, input_ids, batch_size, store_device, extras) if hidden
+              else torch.empty(0))
 
     if output_len is False:
         out_len: list[int | None] = []

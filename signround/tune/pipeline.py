@@ -28,7 +28,8 @@ from ..devices import DeviceMap, cpu_has_native_bf16
 from ..errors import ConfigError
 from ..memory import drop_file_pages, gc_frozen_scope, release_memory
 from ..model import kvcache
-from ..model.capture import block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks
+from ..model.capture import (block_forward, capture_block_inputs, cast_kwargs, float32_hidden, inputs_after_blocks,
+                             run_to_first_block)
 from ..model.layers import QUANTIZABLE_TYPES, Conv1D, get_module, get_weight
 from ..model.moe import RoutedTokens, set_calibrate_all
 from ..model.source import InMemorySource, WeightSource
@@ -168,6 +169,39 @@ def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult)
         clip_grid, refit_grid = opt_rtn_grids(spec, COARSE_CLIP_GRID)
         mn, mx = search_clip(get_weight(module).detach(), spec, None, clip_grid, refit_grid=refit_grid)
         result.qparams[name] = rtn_layer(module, spec, mn, mx)
+
+
+@torch.no_grad()
+def round_nontext(model: nn.Module, plan: QuantPlan, blocks: list[str], calib_ids: torch.Tensor | None,
+                  calib_extras: list[dict[str, Any]] | None, cfg: TuneConfig, result: QuantResult) -> None:
+    """A VLM's vision tower and projector layers (``--quant_nontext_module``). With image-text data and
+    optimized rounding, each layer's clipping is searched weighting every input channel by its energy
+    on the calibration images (what optimized RTN does for the language model's layers; the forward
+    runs up to the first text block, where the images have gone through the tower); otherwise RTN."""
+    energy: dict[str, torch.Tensor] = {}
+    if calib_extras is not None and cfg.mode != "rtn" and any(calib_extras):
+        handles = []
+        for name in plan.nontext:
+            def hook(_m, args, name=name):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                energy[name] = energy.get(name, 0) + (x * x).sum(0).cpu()
+            handles.append(get_module(model, name).register_forward_pre_hook(hook))
+        try:
+            run_to_first_block(model, blocks, calib_ids, 1, "cpu", calib_extras)
+        finally:
+            for h in handles:
+                h.remove()
+    for name in plan.nontext:
+        module, spec = get_module(model, name), plan.specs[name]
+        if name in energy:
+            clip_grid, refit_grid = opt_rtn_grids(spec, CLIP_GRID)
+            mn, mx = search_clip(get_weight(module).detach().float(), spec, energy[name], clip_grid,
+                                 refit_grid=refit_grid)
+            result.qparams[name] = rtn_layer(module, spec, mn, mx)
+        else:
+            result.qparams[name] = rtn_layer(module, spec)
+    if energy:
+        logger.info("vision tower: %d layers rounded with clipping searched on the calibration images", len(energy))
 
 
 @torch.no_grad()
@@ -424,9 +458,12 @@ def quantize_model(
 
     if park_outside:
         source.materialize_outside(model, blocks)
+    round_nontext(model, plan, blocks, calib_ids, calib_extras, cfg, result)
     for name in plan.outside_blocks():
         t0 = time.time()
-        if not calibrated or name in plan.nontext:  # text calibration never reaches a vision tower
+        if name in plan.nontext:
+            continue
+        if not calibrated:
             with torch.no_grad():
                 result.qparams[name] = rtn_layer(get_module(model, name), plan.specs[name])
             continue
