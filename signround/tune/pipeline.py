@@ -179,7 +179,7 @@ def round_nontext(model: nn.Module, plan: QuantPlan, blocks: list[str], calib_id
     on the calibration images (what optimized RTN does for the language model's layers; the forward
     runs up to the first text block, where the images have gone through the tower); otherwise RTN."""
     energy: dict[str, torch.Tensor] = {}
-    if calib_extras is not None and cfg.mode != "rtn" and any(calib_extras):
+    if plan.nontext and calib_extras is not None and cfg.mode != "rtn" and any(calib_extras):
         handles = []
         for name in plan.nontext:
             def hook(_m, args, name=name):
