@@ -48,16 +48,18 @@ def clip_searches(monkeypatch) -> dict[str, set]:
     """Records the (clipping grid, refit grid) of every clipping search the pipeline runs, per
     GGML type (or data type where there is none)."""
     import signround.tune.pipeline as pipeline
+    import signround.tune.rtn as rtn
     from signround.tune.rtn import CLIP_GRID
 
     seen: dict[str, set] = {}
-    real = pipeline.search_clip
+    real = rtn.search_clip
 
     def spy(w, spec, importance=None, grid=CLIP_GRID, **kw):
         seen.setdefault(spec.ggml_type or spec.data_type, set()).add((grid, kw.get("refit_grid")))
         return real(w, spec, importance, grid, **kw)
 
-    monkeypatch.setattr(pipeline, "search_clip", spy)
+    monkeypatch.setattr(pipeline, "search_clip", spy)  # the block layers' searches
+    monkeypatch.setattr(rtn, "search_clip", spy)  # single layers' (opt_rtn_layer: GGUF embeddings, vision tower)
     return seen
 
 

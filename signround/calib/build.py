@@ -100,8 +100,7 @@ def build_calibration(
     seed: int = 42,
 ) -> torch.Tensor:
     """Token ids ``[n, seqlen]`` with ``n <= nsamples``; raises when nothing usable remains."""
-    if seqlen <= 0 or nsamples <= 0:
-        raise CalibrationError(f"seqlen and nsamples must be positive (got seqlen={seqlen}, nsamples={nsamples})")
+    _check_sizes(seqlen, nsamples)
     if isinstance(dataset, str):
         specs = parse_dataset_spec(dataset)
         groups = [(s, load_samples(s)) for s in specs]
@@ -111,10 +110,26 @@ def build_calibration(
         raise CalibrationError(f"dataset must be a spec string, a list or a DataLoader, got {type(dataset).__name__}")
     rows: list[list[int]] = []
     for i, (spec, samples) in enumerate(groups):
-        if not samples:
-            raise CalibrationError(f"calibration dataset {spec.name!r} is empty")
-        want = min(spec.num or nsamples, nsamples)
-        rows += _chunks(spec, samples, tokenizer, seqlen, want, seed + i)
+        rows += _text_rows(spec, samples, tokenizer, seqlen, nsamples, seed + i)
+    return torch.tensor(_take(rows, seqlen, nsamples, seed), dtype=torch.long)
+
+
+def _check_sizes(seqlen: int, nsamples: int) -> None:
+    if seqlen <= 0 or nsamples <= 0:
+        raise CalibrationError(f"seqlen and nsamples must be positive (got seqlen={seqlen}, nsamples={nsamples})")
+
+
+def _text_rows(spec: DatasetSpec, samples: list[Sample], tokenizer: Any, seqlen: int, nsamples: int,
+               seed: int) -> list[list[int]]:
+    """Up to ``num`` (or ``nsamples``) chunks of ``seqlen`` tokens from one text dataset."""
+    if not samples:
+        raise CalibrationError(f"calibration dataset {spec.name!r} is empty")
+    return _chunks(spec, samples, tokenizer, seqlen, min(spec.num or nsamples, nsamples), seed)
+
+
+def _take(rows: list, seqlen: int, nsamples: int, seed: int) -> list:
+    """``nsamples`` of the rows of every dataset, in an order shuffled by ``seed`` (all of them, with a
+    warning, when fewer are available; none is an error naming the fix)."""
     if not rows:
         raise CalibrationError(
             f"no calibration sample has {seqlen} tokens; lower --seqlen, add :concat=True to the dataset "
@@ -123,7 +138,7 @@ def build_calibration(
     random.Random(seed).shuffle(rows)
     if len(rows) < nsamples:
         logger.warning("only %d calibration samples of %d tokens are available (asked for %d); using them all", len(rows), seqlen, nsamples)
-    return torch.tensor(rows[:nsamples], dtype=torch.long)
+    return rows[:nsamples]
 
 
 def uses_images(dataset: Any) -> bool:
@@ -143,24 +158,14 @@ def build_image_text_calibration(
 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Token ids ``[n, seqlen]`` and each sample's other model inputs (pixel values, image grids, token
     types; ``{}`` for text samples) for a spec naming image-text data, text datasets beside it allowed."""
-    if seqlen <= 0 or nsamples <= 0:
-        raise CalibrationError(f"seqlen and nsamples must be positive (got seqlen={seqlen}, nsamples={nsamples})")
+    _check_sizes(seqlen, nsamples)
     tokenizer = getattr(processor, "tokenizer", processor)
     rows: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     for i, spec in enumerate(parse_dataset_spec(dataset)):
-        want = min(spec.num or nsamples, nsamples)
         if is_image_text(spec):
+            want = min(spec.num or nsamples, nsamples)
             rows += image_text_rows(spec, processor, image_token_id, seqlen, want, seed + i, extra_data_dir)
-            continue
-        samples = load_samples(spec)
-        if not samples:
-            raise CalibrationError(f"calibration dataset {spec.name!r} is empty")
-        rows += [(r, {}) for r in _chunks(spec, samples, tokenizer, seqlen, want, seed + i)]
-    if not rows:
-        raise CalibrationError(f"no calibration sample has {seqlen} tokens; lower --seqlen")
-    random.Random(seed).shuffle(rows)
-    rows = rows[:nsamples]
-    if len(rows) < nsamples:
-        logger.warning("only %d calibration samples of %d tokens are available (asked for %d); using them all",
-                       len(rows), seqlen, nsamples)
+        else:
+            rows += [(r, {}) for r in _text_rows(spec, load_samples(spec), tokenizer, seqlen, nsamples, seed + i)]
+    rows = _take(rows, seqlen, nsamples, seed)
     return torch.tensor([r for r, _ in rows], dtype=torch.long), [e for _, e in rows]

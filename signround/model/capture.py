@@ -47,15 +47,13 @@ def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _detach(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+def _detach(obj: Any, device: torch.device | str, memo: dict) -> Any:
     """``obj`` detached onto ``device``; ``memo`` (within one forward) makes the blocks' shared
     arguments (one rotary table for all of them) one stored tensor, not one copy per block. It keeps
     each source alive too, so no later tensor can take a recorded one's address."""
     def leaf(o: Any) -> Any:
         if not isinstance(o, torch.Tensor):
             return o
-        if memo is None:
-            return o.detach().to(device)
         key = (o.data_ptr(), o.shape, o.stride(), o.dtype)
         if key not in memo:
             memo[key] = (o, o.detach().to(device))
@@ -152,28 +150,31 @@ def capture_block_inputs(
     states = (run_to_first_block(model, block_names, input_ids, batch_size, store_device, extras) if hidden
               else torch.empty(0))
 
-    if output_len is False:
-        out_len: list[int | None] = []
-        handle = first.register_forward_hook(
-            lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
-        try:
-            kwargs = _block_kwargs(model, block_names, _sample_inputs(input_ids, extras, 0, 1, device), store_device)
-        finally:
-            handle.remove()
-        output_len = out_len[0] if out_len else None
-    else:
-        kwargs = _block_kwargs(model, block_names, _sample_inputs(input_ids, extras, 0, 1, device), store_device,
-                               output_len=output_len)
-    if extras is not None:
+    # text: one sample's arguments serve all; image-text: every sample's, with what the decoder adds
+    # between blocks (deepstack), merged
+    recording = (deepstack_recorded(model, block_names, store_device) if extras is not None
+                 else contextlib.nullcontext([None]))
+    with recording as seen:
         per, added = [], []
-        with deepstack_recorded(model, block_names, store_device) as seen:
-            for i in range(n):
-                seen[:] = [None]
-                per.append(_block_kwargs(model, block_names, _sample_inputs(input_ids, extras, i, i + 1, device),
-                                         store_device, output_len=output_len))
-                added.append(seen[0])
-        kwargs = {name: merge_samples([p[name] for p in per], name) for name in block_names}
-        add_after(kwargs, block_names, added, input_ids.shape[1])
+        for i in range(n if extras is not None else 1):
+            seen[:] = [None]
+            sample = _sample_inputs(input_ids, extras, i, i + 1, device)
+            if output_len is False:  # the first sample's forward finds the blocks' output structure
+                out_len: list[int | None] = []
+                handle = first.register_forward_hook(
+                    lambda _m, _a, out: out_len.append(len(out) if isinstance(out, (tuple, list)) else None))
+                try:
+                    per.append(_block_kwargs(model, block_names, sample, store_device))
+                finally:
+                    handle.remove()
+                output_len = out_len[0] if out_len else None
+            else:
+                per.append(_block_kwargs(model, block_names, sample, store_device, output_len=output_len))
+            added.append(seen[0])
+    if extras is None:
+        return Captured(states, per[0], output_len)
+    kwargs = {name: merge_samples([p[name] for p in per], name) for name in block_names}
+    add_after(kwargs, block_names, added, input_ids.shape[1])
     return Captured(states, kwargs, output_len)
 
 
@@ -182,15 +183,15 @@ def _block_kwargs(
     shortcut: bool = True, output_len: int | None | bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Each block's arguments besides the hidden states, from one forward of ``sample`` (the model's
-    inputs for one sample): keywords,
-    and positional ones under :data:`POSITIONAL`.
+    inputs for one sample): keywords, and positional ones under :data:`POSITIONAL`.
 
     The arguments come from the model's forward before its block loop (masks, rotary tables), not
     from the hidden states, so only the first block computes: the others pass their input through,
     shaped like the first block's output, and the forward stops at the last block. A full forward of
     an fp16 model is slow on a CPU (1.9 s of SmolLM2-135M's 2 s capture; minutes for 7B models).
     Arguments computed from hidden states would differ, but they could not serve a batch of other
-    samples either (captured arguments are broadcast), so the pipeline assumes none. A model whose
+    samples either (captured arguments are broadcast, or per sample taken from the model's inputs),
+    so the pipeline assumes none. A model whose
     loop fails on passed-through outputs gets the full forward instead."""
     known = output_len is not False  # every block passes through, block 0 included
     out_like: list[Any] = [None if output_len is None else (None,) * output_len] if known else []

@@ -38,7 +38,7 @@ from ..qdq import QParams
 from .config import TuneConfig
 from .estimate import log_estimate, time_sample_forward
 from .placement import place_block
-from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, rtn_layer, search_clip
+from .rtn import CLIP_GRID, COARSE_CLIP_GRID, REFIT_GRID, opt_rtn_grids, opt_rtn_layer, rtn_layer, search_clip
 from .signround import UnitResult, tune_unit
 
 logger = logging.getLogger(__name__)
@@ -165,10 +165,7 @@ def quantize_ggml_extras(model: nn.Module, plan: QuantPlan, result: QuantResult)
     """The token embedding / output tensors a GGUF file type quantizes (llama.cpp's mix), with
     a clipping search (no activations reach an embedding table); a tied pair is one tensor."""
     for name, spec in plan.ggml_extras.items():
-        module = get_module(model, name)
-        clip_grid, refit_grid = opt_rtn_grids(spec, COARSE_CLIP_GRID)
-        mn, mx = search_clip(get_weight(module).detach(), spec, None, clip_grid, refit_grid=refit_grid)
-        result.qparams[name] = rtn_layer(module, spec, mn, mx)
+        result.qparams[name] = opt_rtn_layer(get_module(model, name), spec, None, COARSE_CLIP_GRID)
 
 
 @torch.no_grad()
@@ -179,7 +176,8 @@ def round_nontext(model: nn.Module, plan: QuantPlan, blocks: list[str], calib_id
     on the calibration images (what optimized RTN does for the language model's layers; the forward
     runs up to the first text block, where the images have gone through the tower); otherwise RTN."""
     energy: dict[str, torch.Tensor] = {}
-    if plan.nontext and calib_extras is not None and cfg.mode != "rtn" and any(calib_extras):
+    images = [i for i, e in enumerate(calib_extras or []) if e]  # text samples never reach the tower
+    if plan.nontext and images and cfg.mode != "rtn":
         handles = []
         for name in plan.nontext:
             def hook(_m, args, name=name):
@@ -187,19 +185,13 @@ def round_nontext(model: nn.Module, plan: QuantPlan, blocks: list[str], calib_id
                 energy[name] = energy.get(name, 0) + (x * x).sum(0).cpu()
             handles.append(get_module(model, name).register_forward_pre_hook(hook))
         try:
-            run_to_first_block(model, blocks, calib_ids, 1, "cpu", calib_extras)
+            run_to_first_block(model, blocks, calib_ids[images], 1, "cpu", [calib_extras[i] for i in images])
         finally:
             for h in handles:
                 h.remove()
     for name in plan.nontext:
         module, spec = get_module(model, name), plan.specs[name]
-        if name in energy:
-            clip_grid, refit_grid = opt_rtn_grids(spec, CLIP_GRID)
-            mn, mx = search_clip(get_weight(module).detach().float(), spec, energy[name], clip_grid,
-                                 refit_grid=refit_grid)
-            result.qparams[name] = rtn_layer(module, spec, mn, mx)
-        else:
-            result.qparams[name] = rtn_layer(module, spec)
+        result.qparams[name] = opt_rtn_layer(module, spec, energy[name]) if name in energy else rtn_layer(module, spec)
     if energy:
         logger.info("vision tower: %d layers rounded with clipping searched on the calibration images", len(energy))
 

@@ -55,6 +55,15 @@ def rtn_layer(module: nn.Module, spec: QuantSpec, min_scale=None, max_scale=None
     return compact(qp)
 
 
+def opt_rtn_layer(module: nn.Module, spec: QuantSpec, importance: torch.Tensor | None = None,
+                  clip_grid: tuple[float, ...] = CLIP_GRID) -> QParams:
+    """Optimized RTN of one layer on its own: the clipping searched (errors weighted by the input
+    channels' ``importance``, uniform without), then the weight rounded in place."""
+    grid, refit_grid = opt_rtn_grids(spec, clip_grid)
+    mn, mx = search_clip(get_weight(module).detach(), spec, importance, grid, refit_grid=refit_grid)
+    return rtn_layer(module, spec, mn, mx)
+
+
 class _Best:
     """The lowest-error candidate per unit: a group (``per == 0``) or ``per`` consecutive groups
     (a k-quant super-block, compared by the sum of its groups' errors)."""
